@@ -1,0 +1,3 @@
+from kdtrain.cli import main
+
+main()

@@ -1,0 +1,187 @@
+"""`kdtrain` entry point: check the command line, then hand it to Hydra, which calls `task`.
+
+Hydra reports a bad override as a multi-line block; users get one sentence instead, because the
+overrides are composed and checked here first (every value of every swept key too), before Hydra
+creates a run dir or any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from kdtrain.config import register_schema, validate
+from kdtrain.errors import UserError
+
+CONFIG_MODULE = "kdtrain.conf"
+GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "experiment")
+# Flags after which Hydra prints something instead of running (no need to check overrides).
+PRINT_ONLY = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
+# Flags that change where configs come from: let Hydra report on those itself.
+OWN_CONFIG = {"--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun"}
+FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--cfg", "-c",
+                    "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
+
+log = logging.getLogger("kdtrain")
+register_schema()
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(flags with their values, overrides)."""
+    flags, overrides = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in FLAGS_WITH_VALUE and "=" not in arg:
+                value = next(it, None)
+                if value is not None:
+                    flags.append(value)
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def _normalise(overrides: list[str]) -> list[str]:
+    # `experiment=NAME` reads naturally; the group is not in the defaults list, so Hydra wants `+`.
+    return ["+" + o if o.startswith("experiment=") else o for o in overrides]
+
+
+def _group_options(group: str) -> list[str]:
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(loader.get_group_options(group))
+
+
+def _one_line(e: Exception, override: str | None) -> str:
+    """Turn a Hydra / OmegaConf composition error into one sentence naming the key and the fix."""
+    text = str(e)
+    missing = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = _group_options(group)
+        close = difflib.get_close_matches(option, options, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"{group}={option} is not a known option{hint}; choose one of: {', '.join(options)}"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
+        key = getattr(cause, "full_key", None) or (override or "").split("=")[0].lstrip("+~")
+        return (f"{key} is not a kdtrain setting; check the spelling (`kdtrain --cfg job` lists every key), "
+                f"or add a model option with +{key}=VALUE")
+    if isinstance(cause, ValidationError):
+        key = getattr(cause, "full_key", None) or "?"
+        value = override.split("=", 1)[1] if override and "=" in override else "?"
+        reason = str(cause).splitlines()[0]
+        return f"{key}={value} is not accepted: {reason}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return first
+
+
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """Override lists that cover every value of every swept key (not the full product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"cannot parse the command line: {str(e).splitlines()[0]}") from None
+    base: list[str] = []
+    sweeps: list[tuple[int, list[str]]] = []  # (position in base, every value of that key)
+    for text, o in zip(overrides, parsed):
+        if not o.is_sweep_override():
+            base.append(text)
+            continue
+        try:
+            values = [str(v) for v in o.sweep_string_iterator()]
+        except Exception:  # interval sweeps (for optimisers) have no finite list: checked at run time
+            continue
+        key = text.split("=", 1)[0]
+        sweeps.append((len(base), [f"{key}={v}" for v in values]))
+        base.append(sweeps[-1][1][0])
+    variants = [base]
+    for pos, values in sweeps:
+        for v in values[1:]:
+            variant = list(base)
+            variant[pos] = v
+            variants.append(variant)
+    return variants
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose and validate the config each run would get; raise UserError on the first problem."""
+    flags, overrides = _split_argv(argv)
+    if PRINT_ONLY & set(flags) or OWN_CONFIG & set(flags):
+        return
+    config_name = "config"
+    for i, f in enumerate(flags):
+        if f in ("--config-name", "-cn") and i + 1 < len(flags):
+            config_name = flags[i + 1]
+        elif f.startswith("--config-name="):
+            config_name = f.split("=", 1)[1]
+    multirun = "-m" in flags or "--multirun" in flags
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    variants = _sweep_variants(user) if multirun else [user]
+    if not multirun:
+        _check_run_dir(overrides)
+    with hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        for variant in variants:
+            try:
+                cfg = hydra.compose(config_name=config_name, overrides=variant)
+            except (HydraException, OmegaConfBaseException) as e:
+                culprit = _culprit(e, variant)
+                raise UserError(_one_line(e, culprit)) from None
+            validate(cfg)
+
+
+def _culprit(e: Exception, overrides: list[str]) -> str | None:
+    text = str(e)
+    for o in overrides:
+        if o in text:
+            return o
+    key = getattr(e.__cause__, "full_key", None)
+    return next((o for o in overrides if key and o.lstrip("+~").split("=")[0] == key), None)
+
+
+def _check_run_dir(overrides: list[str]) -> None:
+    for o in overrides:
+        if o.startswith("hydra.run.dir="):
+            folder = Path(o.split("=", 1)[1])
+            if (folder / "summary.json").exists() or (folder / "checkpoints" / "last.pt").exists():
+                raise UserError(f"{folder} already holds a run; choose another hydra.run.dir so nothing is overwritten")
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+def task(cfg: DictConfig) -> float:
+    """Hydra's task function: returns the best validation accuracy (what sweepers optimise)."""
+    from kdtrain.run import run
+
+    hc = HydraConfig.get()
+    try:
+        return run(cfg, Path(hc.runtime.output_dir))
+    except UserError as e:
+        log.error("%s", e)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweep records the failed job
+        print(f"kdtrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    argv = _normalise(sys.argv[1:])
+    try:
+        check_command_line(argv)
+    except UserError as e:
+        print(f"kdtrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *argv]
+    task()

@@ -1,0 +1,172 @@
+"""Typed config schema (registered in Hydra's ConfigStore) and the range checks Hydra cannot express.
+
+Hydra checks types while it merges overrides (`temperature=abc` fails there); `validate` checks
+ranges and cross-key rules on the composed config before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from kdtrain.errors import UserError
+
+
+class Mode(Enum):
+    soft = "soft"
+    feature = "feature"
+    combined = "combined"
+    none = "none"
+
+
+class Amp(Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class Progress(Enum):
+    auto = "auto"
+    bar = "bar"
+    log = "log"
+    off = "off"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # where a dataset keeps its files (digits needs none)
+    download: bool = False
+    augment: bool = False
+    val_size: int = 500  # digits: held-out samples, stratified
+    split_seed: int = 0  # fixes the train/val split and the labelled subset
+    labelled_per_class: Optional[int] = None  # keep labels for N training samples per class
+    exclude_classes: List[int] = field(default_factory=list)  # hidden from the student's data
+    image_size: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | multistep | constant
+    milestones: List[int] = field(default_factory=list)  # epochs, for multistep
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Recipe for training the teacher when no teacher.checkpoint is given."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0  # separate from the run's seed, so a sweep over seeds shares one teacher
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class KDConfig:
+    teacher: Any = None  # model group entries are free-form: constructor kwargs differ per model
+    student: Any = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+    mode: Mode = Mode.soft
+    temperature: float = 4.0
+    alpha: float = 1.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    amp: Amp = Amp.auto
+    baseline: bool = True  # also train the student alone (mode=none) and report the gain
+    teacher_store: str = "outputs/teachers"
+    progress: Progress = Progress.auto
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="kdtrain_schema", node=KDConfig)
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "multistep", "constant")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value} is out of range: {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-key checks on a composed config; raises UserError naming the key."""
+    _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
+    for key in ("alpha", "ce_weight", "kd_weight"):
+        _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
+    _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "it must be an integer >= 1")
+    _check(cfg.lr > 0, "lr", cfg.lr, "it must be > 0 (e.g. lr=0.05)")
+    t = cfg.teacher_train
+    _check(t.epochs >= 1, "teacher_train.epochs", t.epochs, "it must be an integer >= 1")
+    _check(t.lr > 0, "teacher_train.lr", t.lr, "it must be > 0")
+    _check(t.batch_size >= 1, "teacher_train.batch_size", t.batch_size, "it must be an integer >= 1")
+    if not DEVICE_RE.match(cfg.device):
+        raise UserError(f"device={cfg.device} is not accepted: use auto, cpu, cuda, cuda:N or mps")
+    for prefix, node in (("", cfg), ("teacher_train.", cfg.teacher_train)):
+        _validate_recipe(prefix, node.optimizer, node.scheduler)
+    d = cfg.dataset
+    if d.labelled_per_class is not None:
+        _check(d.labelled_per_class >= 1, "dataset.labelled_per_class", d.labelled_per_class,
+               "it must be >= 1, or null to keep every label")
+    _check(d.val_size >= 1, "dataset.val_size", d.val_size, "it must be >= 1")
+    for key in ("teacher", "student"):
+        if not isinstance(cfg[key], DictConfig) or "name" not in cfg[key]:
+            raise UserError(f"{key} has no model name; choose one with {key}=NAME (see conf/{key}/)")
+    weights = effective_weights(cfg)
+    if not any(weights.values()):
+        raise UserError(f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0")
+
+
+def _validate_recipe(prefix: str, opt: DictConfig, sched: DictConfig) -> None:
+    if opt.name not in OPTIMIZERS:
+        raise UserError(f"{prefix}optimizer.name={opt.name} is not accepted: use one of {', '.join(OPTIMIZERS)}")
+    if sched.name not in SCHEDULERS:
+        raise UserError(f"{prefix}scheduler.name={sched.name} is not accepted: use one of {', '.join(SCHEDULERS)}")
+    _check(opt.weight_decay >= 0, f"{prefix}optimizer.weight_decay", opt.weight_decay, "it must be >= 0")
+    _check(0 <= opt.momentum < 1, f"{prefix}optimizer.momentum", opt.momentum, "it must be in [0, 1)")
+    _check(0 < sched.gamma <= 1, f"{prefix}scheduler.gamma", sched.gamma, "it must be in (0, 1]")
+    _check(sched.warmup_epochs >= 0, f"{prefix}scheduler.warmup_epochs", sched.warmup_epochs, "it must be >= 0")
+
+
+def effective_weights(cfg: DictConfig) -> dict[str, float]:
+    """Loss weights in force: the mode switches terms on, the weights scale them."""
+    mode = cfg.mode if isinstance(cfg.mode, Mode) else Mode(cfg.mode)
+    kd_on = mode in (Mode.soft, Mode.combined)
+    feat_on = mode in (Mode.feature, Mode.combined)
+    return {
+        "ce": float(cfg.ce_weight),
+        "kd": float(cfg.kd_weight) if kd_on else 0.0,
+        "feat": float(cfg.alpha) if feat_on else 0.0,
+    }

@@ -1,0 +1,100 @@
+"""Dataset registry. A builder turns the `dataset` config into `Splits`.
+
+Datasets that fit in memory are held as tensors (`TensorSet`): the engine keeps them on the
+training device and takes batches by indexing, with no DataLoader in the hot path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from kdtrain.errors import UserError
+
+
+@dataclass
+class TensorSet:
+    """Inputs (N, C, H, W) float32, already normalised, and labels (N,) int64; -1 marks an unlabelled sample."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, keep: Tensor) -> "TensorSet":
+        return TensorSet(self.x[keep], self.y[keep])
+
+
+@dataclass
+class Splits:
+    train: TensorSet  # the student's transfer set (labels hidden by labelled_per_class, classes by exclude_classes)
+    teacher_train: TensorSet  # labelled training samples of every class: what the teacher learns from
+    val: TensorSet
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+
+
+Builder = Callable[[DictConfig], Splits]
+DATASETS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def wrap(fn: Builder) -> Builder:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def known_datasets() -> list[str]:
+    from kdtrain.data import digits  # noqa: F401  (registers itself)
+
+    return sorted(DATASETS)
+
+
+def build_dataset(cfg: DictConfig) -> Splits:
+    names = known_datasets()
+    if cfg.name not in DATASETS:
+        close = difflib.get_close_matches(str(cfg.name), names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"dataset={cfg.name} is not a known dataset{hint}; known datasets: {', '.join(names)}")
+    return DATASETS[cfg.name](cfg)
+
+
+def make_transfer_set(train: TensorSet, num_classes: int, cfg: DictConfig) -> tuple[TensorSet, TensorSet]:
+    """Apply `labelled_per_class` and `exclude_classes` to a labelled training set.
+
+    Returns (student transfer set, teacher training set). The teacher learns from the labelled
+    samples only (it gets no labels the student lacks) but from every class: hiding classes is
+    a property of the student's data (Hinton et al. 2015's "no 3s in the transfer set").
+    """
+    y = train.y
+    excluded = [int(c) for c in cfg.exclude_classes]
+    bad = [c for c in excluded if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f"dataset.exclude_classes holds {bad[0]}, not a class of {cfg.name}; classes are 0..{num_classes - 1}")
+    if len(excluded) >= num_classes:
+        raise UserError("dataset.exclude_classes hides every class; leave at least one")
+    labelled = torch.ones(len(y), dtype=torch.bool)
+    if cfg.labelled_per_class is not None:
+        labelled = torch.zeros(len(y), dtype=torch.bool)
+        gen = torch.Generator().manual_seed(int(cfg.split_seed))
+        for c in range(num_classes):
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)][: int(cfg.labelled_per_class)]
+            labelled[idx] = True
+    student_y = torch.where(labelled, y, torch.full_like(y, -1))
+    student = TensorSet(train.x, student_y)
+    if excluded:
+        student = student.subset(~torch.isin(y, torch.tensor(excluded)))
+    return student, train.subset(labelled)

@@ -1,0 +1,45 @@
+"""Pure loss functions. All math runs in float32, also under autocast (bf16 on CPU does not upcast
+softmax by itself, and small probabilities underflow in fp16)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over the labelled samples of the batch (label -1 = unlabelled).
+
+    A batch without labels contributes 0 instead of NaN.
+    """
+    labelled = labels >= 0
+    total = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+    return (total * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al. 2015: T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch.
+
+    The T^2 factor keeps the gradient scale of this term independent of T.
+    """
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    # log_target=True avoids log(0) for teacher probabilities that underflow.
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * (t * t)
+
+
+def feature_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Mean squared error between the (adapted) student feature and the teacher feature."""
+    return F.mse_loss(student_feature.float(), teacher_feature.float())
+
+
+def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """`ce_weight*CE + kd_weight*KD + alpha*FEAT` over the terms that are switched on."""
+    return sum((weights[name] * value for name, value in terms.items()), torch.zeros((), device=_device(terms)))
+
+
+def _device(terms: dict[str, Tensor]) -> torch.device:
+    return next(iter(terms.values())).device

@@ -1,0 +1,176 @@
+"""One kdtrain run: data, teacher, student, distillation, outputs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdtrain.checkpoint import save_weights
+from kdtrain.config import Amp, effective_weights, validate
+from kdtrain.data import Splits, build_dataset
+from kdtrain.engine import FitSpec, autocast_dtype, fit, predict
+from kdtrain.errors import UserError
+from kdtrain.features import build_adapter, feature_dim
+from kdtrain.models import build_model, count_params
+from kdtrain.report import MetricsWriter, print_table, write_summary
+from kdtrain.teacher import get_teacher
+
+log = logging.getLogger("kdtrain")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but CUDA is not available on this machine; use device=cpu or device=auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but MPS is not available on this machine; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_amp(amp: Amp, device: torch.device) -> torch.dtype | None:
+    if amp is Amp.fp16 and device.type != "cuda":
+        raise UserError(f"amp=fp16 needs a CUDA device (device is {device.type}); use amp=off, or amp=bf16 on CPU")
+    return autocast_dtype(amp.value, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _student(cfg: DictConfig, splits: Splits, device: torch.device) -> torch.nn.Module:
+    model = build_model(OmegaConf.to_container(cfg.student, resolve=True), splits.num_classes, splits.in_shape, "student")
+    return model.to(device)
+
+
+def _spec(cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir: Path | None, extra: dict[str, Any]) -> FitSpec:
+    return FitSpec(
+        epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr), seed=int(cfg.seed),
+        optimizer=cfg.optimizer, scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature),
+        label=label, progress=cfg.progress.value, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra,
+    )
+
+
+def _extra_columns(cfg: DictConfig) -> list[str]:
+    return ["val_acc_excluded"] if cfg.dataset.exclude_classes else []
+
+
+def _with_excluded(cfg: DictConfig, write):
+    """Adds the mean validation accuracy on the classes hidden from the student."""
+    excluded = list(cfg.dataset.exclude_classes)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if excluded:
+            row["val_acc_excluded"] = float(np.mean([row["per_class"][c] for c in excluded]))
+        write(row)
+
+    return on_epoch
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
+    start = time.time()
+    validate(cfg)
+    if (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten")
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    weights = effective_weights(cfg)
+    for key, term in (("kd_weight", "kd"), ("alpha", "feat")):
+        if cfg[key] > 0 and weights[term] == 0 and cfg.mode.value != "none":
+            log.info("%s=%s is not used: mode=%s switches the %s term off", key, cfg[key], cfg.mode.value, term)
+    splits = build_dataset(cfg.dataset)
+    if cfg.batch_size > len(splits.train):
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.train)} samples); lower it")
+    log.info("data: %s, %d training samples (%d labelled), %d validation, %d classes, input %s",
+             cfg.dataset.name, len(splits.train), int((splits.train.y >= 0).sum()), len(splits.val), splits.num_classes, splits.in_shape)
+
+    # Every run reports against its teacher, mode=none included (it is trained once, then reused).
+    teacher, teacher_info = get_teacher(cfg, splits, device, amp_dtype)
+    teacher_pred = predict(teacher, splits.val, device, amp_dtype)
+    log.info("teacher: %s, %d params, val_acc %.4f", teacher_info["name"], teacher_info["params"], teacher_info["val_acc"])
+
+    seed_everything(int(cfg.seed))
+    student = _student(cfg, splits, device)
+    adapter = None
+    if weights["feat"] > 0:
+        s_dim = feature_dim(student, splits.in_shape, "student", device)
+        t_dim = feature_dim(teacher, splits.in_shape, "teacher", device)
+        adapter = build_adapter(s_dim, t_dim).to(device)
+        log.info("feature: student %d -> teacher %d through %s", s_dim, t_dim, type(adapter).__name__)
+    log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    writer = MetricsWriter(run_dir, _extra_columns(cfg))
+    result = fit(
+        student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
+        device, amp_dtype, teacher=teacher, adapter=adapter, teacher_val_pred=teacher_pred,
+        on_epoch=_with_excluded(cfg, writer.write),
+    )
+    meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
+            "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
+    save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
+
+    baseline = None
+    if cfg.baseline and cfg.mode.value != "none":
+        baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
+
+    last = result["history"][-1]
+    summary = {
+        "mode": cfg.mode.value,
+        "temperature": float(cfg.temperature),
+        "weights": {"ce_weight": weights["ce"], "kd_weight": weights["kd"], "alpha": weights["feat"]},
+        "seed": int(cfg.seed),
+        "device": str(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "teacher": teacher_info,
+        "student": {
+            "name": str(cfg.student.name),
+            "params": count_params(student),
+            "best_val_acc": result["best_val_acc"],
+            "best_epoch": result["best_epoch"],
+            "last_val_acc": result["last_val_acc"],
+            "agreement": last["agreement"],
+        },
+        "baseline": baseline,
+        "gain_vs_baseline": None if baseline is None else result["best_val_acc"] - baseline["best_val_acc"],
+        "epochs": int(cfg.epochs),
+        "seconds": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    if cfg.dataset.exclude_classes:
+        summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
+    write_summary(summary, run_dir / "summary.json")
+    print_table(summary)
+    return float(result["best_val_acc"])
+
+
+def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: torch.dtype | None,
+              teacher_pred: torch.Tensor, folder: Path) -> dict[str, Any]:
+    """The student alone (mode=none: CE only, weight 1) with the same data, recipe and seed."""
+    log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
+    seed_everything(int(cfg.seed))
+    student = _student(cfg, splits, device)
+    writer = MetricsWriter(folder, _extra_columns(cfg))
+    weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
+    result = fit(student, splits.train, splits.val, _spec(cfg, weights, "baseline", None, {}), device, amp_dtype,
+                 teacher_val_pred=teacher_pred, on_epoch=_with_excluded(cfg, writer.write))
+    out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
+    if cfg.dataset.exclude_classes:
+        out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")
+    return out
