@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -73,6 +73,13 @@ def _one_line(e: Exception, override: str | None) -> str:
         close = difflib.get_close_matches(option, options, n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         return f"{group}={option} is not a known option{hint}; choose one of: {', '.join(options)}"
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, _known_keys(), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return (f"{key} is not a kdtrain setting{hint}; `kdtrain --cfg job` lists every key "
+                f"(to add an option to a custom model, write +{key}=VALUE)")
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or (override or "").split("=")[0].lstrip("+~")
@@ -85,6 +92,21 @@ def _one_line(e: Exception, override: str | None) -> str:
         return f"{key}={value} is not accepted: {reason}"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
     return first
+
+
+def _known_keys() -> list[str]:
+    cfg = hydra.compose(config_name="config")
+    keys: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node:
+            value = node._get_node(k)
+            keys.append(prefix + str(k))
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{k}.")
+
+    walk(cfg, "")
+    return keys
 
 
 def _sweep_variants(overrides: list[str]) -> list[list[str]]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdtrain.errors import UserError
 
@@ -41,14 +41,14 @@ class Progress(Enum):
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    root: Optional[str] = None  # where a dataset keeps its files (digits needs none)
+    root: str | None = None  # where a dataset keeps its files (digits needs none)
     download: bool = False
     augment: bool = False
     val_size: int = 500  # digits: held-out samples, stratified
     split_seed: int = 0  # fixes the train/val split and the labelled subset
-    labelled_per_class: Optional[int] = None  # keep labels for N training samples per class
-    exclude_classes: List[int] = field(default_factory=list)  # hidden from the student's data
-    image_size: Optional[int] = None
+    labelled_per_class: int | None = None  # keep labels for N training samples per class
+    exclude_classes: list[int] = field(default_factory=list)  # hidden from the student's data
+    image_size: int | None = None
 
 
 @dataclass
@@ -57,13 +57,13 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
 class SchedulerConfig:
     name: str = "cosine"  # cosine | multistep | constant
-    milestones: List[int] = field(default_factory=list)  # epochs, for multistep
+    milestones: list[int] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
     warmup_epochs: float = 0.0
 
@@ -141,9 +141,12 @@ def validate(cfg: DictConfig) -> None:
         _check(d.labelled_per_class >= 1, "dataset.labelled_per_class", d.labelled_per_class,
                "it must be >= 1, or null to keep every label")
     _check(d.val_size >= 1, "dataset.val_size", d.val_size, "it must be >= 1")
+    from kdtrain.models import resolve_builder
+
     for key in ("teacher", "student"):
         if not isinstance(cfg[key], DictConfig) or "name" not in cfg[key]:
             raise UserError(f"{key} has no model name; choose one with {key}=NAME (see conf/{key}/)")
+        resolve_builder(OmegaConf.to_container(cfg[key], resolve=True), key)
     weights = effective_weights(cfg)
     if not any(weights.values()):
         raise UserError(f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0")

@@ -12,9 +12,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +136,7 @@ def fit(
     adapter: nn.Module | None = None,
     teacher_val_pred: Tensor | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    augment: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `spec.epochs`; return {"best_val_acc", "last_val_acc", "best_epoch", "history"}."""
     w = spec.weights
@@ -166,6 +168,8 @@ def fit(
         start = time.perf_counter()
         bar = tqdm(batches, desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar, file=sys.stderr)
         for x, y in bar:
+            if augment is not None:
+                x = augment(x)  # the teacher sees the same augmented batch as the student
             with autocast:
                 logits = model(x)
                 teacher_logits = None

@@ -120,7 +120,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device, amp_dtype, teacher=teacher, adapter=adapter, teacher_val_pred=teacher_pred,
-        on_epoch=_with_excluded(cfg, writer.write),
+        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment,
     )
     meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
             "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
@@ -169,7 +169,7 @@ def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: 
     writer = MetricsWriter(folder, _extra_columns(cfg))
     weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
     result = fit(student, splits.train, splits.val, _spec(cfg, weights, "baseline", None, {}), device, amp_dtype,
-                 teacher_val_pred=teacher_pred, on_epoch=_with_excluded(cfg, writer.write))
+                 teacher_val_pred=teacher_pred, on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment)
     out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
     if cfg.dataset.exclude_classes:
         out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")

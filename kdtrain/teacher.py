@@ -15,9 +15,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -110,7 +111,8 @@ def _train_into(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch
     start = time.time()
     rows: list[str] = []
     result = fit(model, splits.teacher_train, splits.val, spec, device, amp_dtype,
-                 on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})))
+                 on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})),
+                 augment=splits.augment)
     # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

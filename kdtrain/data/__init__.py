@@ -7,8 +7,8 @@ training device and takes batches by indexing, with no DataLoader in the hot pat
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -27,7 +27,7 @@ class TensorSet:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, keep: Tensor) -> "TensorSet":
+    def subset(self, keep: Tensor) -> TensorSet:
         return TensorSet(self.x[keep], self.y[keep])
 
 
@@ -40,6 +40,8 @@ class Splits:
     in_shape: tuple[int, int, int]
     mean: list[float]
     std: list[float]
+    # Random augmentation applied to each training batch on the device (e.g. crop + flip); None: none.
+    augment: Optional[Callable[[Tensor], Tensor]] = None
 
 
 Builder = Callable[[DictConfig], Splits]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -61,49 +62,72 @@ def _import_target(path: str, role: str) -> Callable[..., nn.Module]:
         ) from None
 
 
-def _call(fn: Callable[..., nn.Module], kwargs: dict[str, Any], role: str, label: str) -> nn.Module:
+def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], role: str, label: str, skip: set[str]) -> None:
+    """Reject unknown options, and values whose type differs from the option's default, before building."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        params = {}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kwargs if params and not accepts_any and k not in params]
-    if unknown:
-        accepted = sorted(k for k in params if k not in ("num_classes", "in_shape", "self"))
-        raise UserError(
-            f"{role}.{unknown[0]} is not an option of model {label!r}; its options are: "
-            f"{', '.join(accepted) or '(none)'}"
-        )
-    model = fn(**kwargs)
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key, value in kwargs.items():
+        if key not in params:
+            accepted = sorted(k for k in params if k not in skip | {"self"})
+            raise UserError(
+                f"{role}.{key} is not an option of model {label!r}; its options are: {', '.join(accepted) or '(none)'}"
+            )
+        default = params[key].default
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else None
+        ok = kind is None or isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{role}.{key}={value!r} is not accepted: model {label!r} expects type {kind.__name__} (default {default!r})")
+
+
+def _construct(fn: Callable[..., nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], role: str, label: str) -> nn.Module:
+    try:
+        model = fn(*args, **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{role} model {label!r} cannot be built with {kwargs}: {e}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{role} model {label!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str) -> nn.Module:
-    """Build the model that `cfg` names, for `num_classes` outputs and inputs of `in_shape` (C, H, W)."""
+def resolve_builder(cfg: dict[str, Any], role: str) -> tuple[Callable[..., nn.Module], dict[str, Any], str, bool]:
+    """(builder, constructor kwargs, label, is_builtin) for a model config; checks options without building."""
     _import_builtin_models()
     name = cfg.get("name")
     kwargs = {k: v for k, v in cfg.items() if k not in NON_MODEL_KEYS}
     if name == "custom":
         target = cfg.get("_target_")
-        if not target:
+        if not target or target == "???":
             raise UserError(f"{role}=custom needs {role}._target_=my_pkg.module.ModelClass")
         fn = _import_target(str(target), role)
-        params = _signature_names(fn)
-        # A user model gets num_classes / in_shape only when its constructor asks for them.
-        if "num_classes" in params and "num_classes" not in kwargs:
-            kwargs["num_classes"] = num_classes
-        if "in_shape" in params and "in_shape" not in kwargs:
-            kwargs["in_shape"] = in_shape
-        return _call(fn, kwargs, role, str(target))
+        _check_kwargs(fn, kwargs, role, str(target), {"num_classes", "in_shape"})
+        return fn, kwargs, str(target), False
     if name not in MODELS:
         close = difflib.get_close_matches(str(name), known_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(
-            f"{role}={name} is not a known model{hint}; known models: {', '.join(known_models())}"
-        )
-    return _call_builtin(MODELS[name], num_classes, in_shape, kwargs, role, name)
+        raise UserError(f"{role}={name} is not a known model{hint}; known models: {', '.join(known_models())}")
+    fn = MODELS[name]
+    _check_kwargs(fn, kwargs, role, str(name), {"num_classes", "in_shape"})
+    return fn, kwargs, str(name), True
+
+
+def build_model(cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str) -> nn.Module:
+    """Build the model that `cfg` names, for `num_classes` outputs and inputs of `in_shape` (C, H, W)."""
+    fn, kwargs, label, builtin = resolve_builder(cfg, role)
+    if builtin:
+        return _construct(fn, (num_classes, in_shape), kwargs, role, label)
+    params = _signature_names(fn)
+    # A user model gets num_classes / in_shape only when its constructor asks for them.
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    if "in_shape" in params and "in_shape" not in kwargs:
+        kwargs["in_shape"] = in_shape
+    return _construct(fn, (), kwargs, role, label)
 
 
 def _signature_names(fn: Callable[..., Any]) -> set[str]:
@@ -111,21 +135,6 @@ def _signature_names(fn: Callable[..., Any]) -> set[str]:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
-
-
-def _call_builtin(
-    fn: Builder, num_classes: int, in_shape: tuple[int, int, int], kwargs: dict[str, Any], role: str, name: str
-) -> nn.Module:
-    params = inspect.signature(fn).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kwargs if not accepts_any and k not in params]
-    if unknown:
-        accepted = sorted(k for k in params if k not in ("num_classes", "in_shape"))
-        raise UserError(
-            f"{role}.{unknown[0]} is not an option of model {name!r}; its options are: "
-            f"{', '.join(accepted) or '(none)'}"
-        )
-    return fn(num_classes, in_shape, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:

@@ -28,11 +28,11 @@ from kdtrain.errors import UserError
 from kdtrain.models import register
 
 __all__ = [
-    "CifarResNet",
-    "WideResNet",
     "VGG",
+    "CifarResNet",
     "MobileNetV2",
     "ShuffleNetV2",
+    "WideResNet",
 ]
 
 
