@@ -35,7 +35,7 @@ log = logging.getLogger("kdtrain")
 # Bump when a change to the code would train a different teacher from the same config.
 RECIPE_VERSION = 1
 # Dataset keys that do not change what the teacher learns from.
-NOT_TEACHER_DATA = {"exclude_classes", "download", "augment"}
+NOT_TEACHER_DATA = {"exclude_classes", "download"}
 
 
 def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
