@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -59,7 +60,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def known_datasets() -> list[str]:
-    from kdtrain.data import digits  # noqa: F401  (registers itself)
+    from kdtrain.data import digits, imagefolder, vision  # noqa: F401  (register themselves)
 
     return sorted(DATASETS)
 
@@ -100,3 +101,27 @@ def make_transfer_set(train: TensorSet, num_classes: int, cfg: DictConfig) -> tu
     if excluded:
         student = student.subset(~torch.isin(y, torch.tensor(excluded)))
     return student, train.subset(labelled)
+
+
+# Cheap (num_classes, in_shape) of a dataset config, without reading its samples (for kdtrain-inspect).
+ShapeFn = Callable[[DictConfig], tuple[int, tuple[int, int, int]]]
+DATASET_SHAPES: dict[str, ShapeFn] = {}
+
+
+def register_shape(name: str) -> Callable[[ShapeFn], ShapeFn]:
+    def wrap(fn: ShapeFn) -> ShapeFn:
+        if name in DATASET_SHAPES:
+            raise ValueError(f"dataset shape {name!r} is registered twice")
+        DATASET_SHAPES[name] = fn
+        return fn
+
+    return wrap
+
+
+def dataset_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
+    """(num_classes, in_shape) of the dataset `cfg` names; a dataset without a shape function is built."""
+    known_datasets()
+    if cfg.name in DATASET_SHAPES:
+        return DATASET_SHAPES[cfg.name](cfg)
+    splits = build_dataset(cfg)
+    return splits.num_classes, splits.in_shape

@@ -1,0 +1,140 @@
+"""Images in folders: `dataset.root` holds `train/` and `val/`, each with one subfolder per class
+(torchvision's ImageFolder layout; the classes are the subfolders of `train/`, sorted by name).
+
+* Every image is read with PIL (no code runs from a file) and scaled so its shorter side is
+  `dataset.image_size` (32 when null), then centre-cropped to a square.
+* Channels are inferred: 1 when every image of train/ and val/ is grayscale (PIL mode "L" or "1"),
+  3 otherwise (grayscale images then become RGB with equal channels). Normalisation: ImageNet's
+  mean / std for 3 channels, 0.5 / 0.5 for 1.
+* A file with an image extension that PIL cannot read (corrupt, truncated, not an image) stops the
+  run with an error naming it: skipping it would silently change the dataset. Files with other
+  extensions are ignored.
+* An empty train/ or val/, a train/ class folder without images, or a val/ class that train/
+  lacks is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from kdtrain.data import Splits, TensorSet, register, register_shape
+from kdtrain.data.common import dataset_root, image_size, make_splits, to_normalised
+from kdtrain.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+GRAY_MODES = ("L", "1")
+HOLDS = "train/ and val/ with one subfolder of images per class"
+# PIL's errors for unreadable files: OSError (incl. UnidentifiedImageError, truncated data),
+# ValueError / SyntaxError from some decoders, DecompressionBombError for absurd sizes.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _extensions() -> tuple[str, ...]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return IMG_EXTENSIONS
+
+
+def _split_dir(cfg: DictConfig, split: str) -> Path:
+    root = dataset_root(cfg, HOLDS)
+    folder = root / split
+    if not root.is_dir():
+        raise UserError(f"dataset.root={root} does not exist; set dataset.root to a folder that holds {HOLDS}")
+    if not folder.is_dir():
+        raise UserError(f"dataset={cfg.name} needs {folder}: dataset.root must hold {HOLDS}")
+    return folder
+
+
+def _classes(train_dir: Path) -> list[str]:
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{train_dir} has no class subfolders; put each class's images in train/<class>/")
+    return classes
+
+
+def _files(split_dir: Path, classes: list[str], require_each: bool) -> list[tuple[Path, int]]:
+    """(image path, class index) for every image file under split_dir/<class>/, in a fixed order."""
+    extensions = _extensions()
+    index = {c: i for i, c in enumerate(classes)}
+    out: list[tuple[Path, int]] = []
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name not in index:
+            raise UserError(f"{folder} is a class that {split_dir.parent / 'train'} lacks; every val/ class needs a train/ folder of the same name")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(extensions))
+        if require_each and not files:
+            raise UserError(f"{folder} holds no images ({', '.join(extensions[:4])}, ...); add some or remove the folder")
+        out += [(p, index[folder.name]) for p in files]
+    if not out:
+        raise UserError(f"{split_dir} holds no images; put each class's images in {split_dir.name}/<class>/")
+    return out
+
+
+def _load(path: Path, size: int) -> tuple[np.ndarray, bool]:
+    """(uint8 array (size, size) for grayscale or (size, size, 3), is grayscale)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = img.mode in GRAY_MODES
+            img = img.convert("L" if gray else "RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            return np.asarray(img, dtype=np.uint8), gray
+    except READ_ERRORS as e:
+        raise UserError(f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it") from None
+
+
+def _stack(arrays: list[np.ndarray], channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) from per-image arrays; grayscale ones repeated when channels == 3."""
+    out = np.empty((len(arrays), channels, *arrays[0].shape[:2]), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # a (H, W) broadcasts over 3 channels
+    return torch.from_numpy(out)
+
+
+@register("imagefolder")
+def imagefolder(cfg: DictConfig) -> Splits:
+    train_dir, val_dir = _split_dir(cfg, "train"), _split_dir(cfg, "val")
+    classes = _classes(train_dir)
+    size = image_size(cfg, 32)
+    loaded = []
+    for split_dir, require_each in ((train_dir, True), (val_dir, False)):
+        files = _files(split_dir, classes, require_each)
+        images = [_load(path, size) for path, _ in files]
+        loaded.append((images, torch.tensor([c for _, c in files], dtype=torch.int64)))
+    channels = 1 if all(gray for images, _ in loaded for _, gray in images) else 3
+    mean, std = ([0.5], [0.5]) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    train, val = (
+        TensorSet(to_normalised(_stack([a for a, _ in images], channels), size, mean, std), y) for images, y in loaded
+    )
+    return make_splits(cfg, train, val, len(classes), mean, std, pad=4, flip=True)
+
+
+@register_shape("imagefolder")
+def _imagefolder_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
+    """Classes from train/'s subfolders; channels from the image headers (no pixels decoded)."""
+    train_dir, val_dir = _split_dir(cfg, "train"), _split_dir(cfg, "val")
+    classes = _classes(train_dir)
+    size = image_size(cfg, 32)
+    channels = 1
+    for split_dir in (train_dir, val_dir):
+        for path, _ in _files(split_dir, classes, require_each=False):
+            try:
+                with Image.open(path) as img:
+                    mode = img.mode
+            except READ_ERRORS as e:
+                raise UserError(f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it") from None
+            if mode not in GRAY_MODES:
+                channels = 3
+                break
+        if channels == 3:
+            break
+    return len(classes), (channels, size, size)
