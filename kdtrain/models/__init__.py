@@ -38,7 +38,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def _import_builtin_models() -> None:
     # Importing the modules runs their @register decorators.
-    from kdtrain.models import small  # noqa: F401
+    from kdtrain.models import small, timm_models, tv  # noqa: F401
 
     try:
         from kdtrain.models import cifar  # noqa: F401
