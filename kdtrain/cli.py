@@ -141,7 +141,7 @@ def _sweep_variants(overrides: list[str]) -> list[list[str]]:
 
 def check_command_line(argv: list[str]) -> None:
     """Compose and validate the config each run would get; raise UserError on the first problem."""
-    flags, overrides = _split_argv(argv)
+    flags, overrides = _split_argv(_normalise(argv))
     if PRINT_ONLY & set(flags) or OWN_CONFIG & set(flags):
         return
     config_name = "config"

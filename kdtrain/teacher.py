@@ -66,6 +66,7 @@ def get_teacher(
     cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: torch.dtype | None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return the frozen teacher (eval mode, on `device`) and {name, val_acc, params, source}."""
+    torch.manual_seed(int(cfg.teacher_train.seed))  # the teacher's initial weights depend on its own seed only
     model = build_model(OmegaConf.to_container(cfg.teacher, resolve=True), splits.num_classes, splits.in_shape, "teacher")
     checkpoint = cfg.teacher.get("checkpoint")
     if checkpoint:
@@ -101,7 +102,6 @@ def _train_into(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch
             f"teacher_train.batch_size={t.batch_size} is larger than the teacher's training set "
             f"({len(splits.teacher_train)} labelled samples); lower it"
         )
-    torch.manual_seed(int(t.seed))
     model.to(device)
     spec = FitSpec(
         epochs=int(t.epochs), batch_size=int(t.batch_size), lr=float(t.lr), seed=int(t.seed),
