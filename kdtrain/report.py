@@ -70,3 +70,40 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
         gain = 100 * (s["best_val_acc"] - b["best_val_acc"])
         console.print(f"Distillation gain over the student alone: {gain:+.2f} points (best val acc, same seed).")
     console.print(f"Teacher-student agreement: {_pct(s.get('agreement'))}; outputs in {summary['run_dir']}")
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}x"
+
+
+def print_compression(report: dict[str, Any], console: Console | None = None) -> None:
+    """One line: how many times smaller and faster the student is than its teacher."""
+    r = report["ratios"]
+    (console or Console()).print(
+        f"Compression (teacher / student): {_times(r['params'])} params, {_times(r['flops'])} FLOPs, "
+        f"{_times(r['latency_batch_1'])} CPU latency at batch 1, {_times(r['latency_batch_64'])} at batch 64 (1 thread)."
+    )
+
+
+def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: Any, in_shape: Any, device: Any) -> None:
+    """After summary.json is written: add the compression report to it, print it, draw curves.png.
+
+    Neither can fail the finished run: a failure is logged as a warning.
+    """
+    import logging
+
+    log = logging.getLogger("kdtrain")
+    try:
+        from kdtrain.compression import compression_report
+
+        summary["compression"] = compression_report(teacher, student, in_shape, device)
+        write_summary(summary, Path(run_dir) / "summary.json")
+        print_compression(summary["compression"])
+    except Exception as e:  # noqa: BLE001 - a report must not lose a finished run
+        log.warning("compression report failed (%s: %s); summary.json has no 'compression'", type(e).__name__, e)
+    try:
+        from kdtrain.plots import plot_run
+
+        plot_run(Path(run_dir), summary)
+    except Exception as e:  # noqa: BLE001
+        log.warning("curves.png failed (%s: %s)", type(e).__name__, e)

@@ -157,6 +157,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
     write_summary(summary, run_dir / "summary.json")
     print_table(summary)
+    from kdtrain.report import finish_run  # compression report into summary.json, curves.png
+
+    finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
     return float(result["best_val_acc"])
 
 
