@@ -90,6 +90,7 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, teacher_acc: float | N
     numeric = [k for k in keys
                if len({r["params"].get(k) for r in ok}) > 1
                and all(_number(r["params"][k]) is not None for r in ok if k in r["params"])]
+    varying = {k for k in keys if len({r["params"].get(k) for r in ok}) > 1}
     written: list[Path] = []
     for key in numeric:
         fig = _figure(6.5, 4.5)
@@ -100,7 +101,7 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, teacher_acc: float | N
         for r in ok:
             if key not in r["params"]:
                 continue
-            others = tuple(sorted((k, v) for k, v in r["params"].items() if k != key))
+            others = tuple(sorted((k, v) for k, v in r["params"].items() if k != key and k in varying))
             lines.setdefault(others, []).append(r)
         for others, members in sorted(lines.items()):
             members.sort(key=lambda r: _number(r["params"][key]))
