@@ -1,11 +1,13 @@
-"""Atomic writes and safe loads. Nothing a user hands us is unpickled with code execution:
-checkpoints load with `torch.load(weights_only=True)`, weights with safetensors."""
+"""Atomic writes, safe loads and resume checks. Nothing a user hands us is unpickled with code
+execution: checkpoints load with `torch.load(weights_only=True)`, weights with safetensors."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,11 @@ from kdtrain.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same directory, fsync it, then rename over `path`."""
+    """Write via a temp file in the same directory, fsync it, rename it over `path`, fsync the directory.
+
+    A crash at any point leaves either the old file or the new one, never a torn one; the directory
+    fsync makes the rename itself survive a power loss.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,9 +34,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory handles: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -50,13 +70,30 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; give the path of a .pt or .safetensors file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a checkpoint, or a pickle that wants to run code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} cannot be loaded safely ({first[:200]}); it is corrupt or not a kdtrain/PyTorch checkpoint") from None
+        raise UserError(f"{what} {path} {_why_unloadable(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dictionary")
     return state
+
+
+def _why_unloadable(e: Exception) -> str:
+    """The end of a one-line message saying why torch.load(weights_only=True) refused a file."""
+    text = str(e)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (f"was refused: it names Python code ({code.group(1)}) that would run on loading, and kdtrain loads "
+                "only tensors and plain values; if you trust the file, re-save its weights as a state dict or .safetensors")
+    if "Unsupported operand" in text:
+        return ("is not a PyTorch checkpoint (a plain pickle or another format, refused unread); "
+                "give a file written by torch.save or kdtrain")
+    if isinstance(e, EOFError) or "central directory" in text or "PytorchStreamReader" in text:
+        return "is truncated or corrupt (an interrupted copy or download?); use an intact copy"
+    first = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+    return f"cannot be loaded ({first[:200]}); it is corrupt or not a kdtrain/PyTorch checkpoint"
 
 
 def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -97,3 +134,81 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
             f"{tuple(own[k].shape)} in the model (another number of classes or another width?)"
         )
     model.load_state_dict(state)
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+# What engine.fit needs to continue a run; written into every checkpoints/{last,best}.pt.
+TRAINING_KEYS = ("model", "adapter", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history", "config")
+# Settings a checkpoint resumes only into unchanged: they decide the model, its data and the shape
+# of the optimizer state and schedule (the first difference is an error).
+MUST_MATCH = ("student", "teacher", "dataset", "mode", "optimizer.name", "batch_size")
+# Settings that may change on resume without changing the result.
+FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline")
+
+
+def find_resume(value: str | None, run_dir: Path | None) -> Path | None:
+    """The checkpoint `resume=value` names: a file, a run dir's checkpoints/last.pt, or for `auto`
+    `run_dir`'s checkpoints/last.pt when it exists (None: start fresh)."""
+    if not value:
+        return None
+    if value == "auto":
+        last = Path(run_dir) / "checkpoints" / "last.pt" if run_dir is not None else None
+        return last if last is not None and last.is_file() else None
+    path = Path(value).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"resume={value} holds no checkpoints/last.pt to continue from; give the run dir of a "
+                            "kdtrain run that saved a checkpoint, a checkpoint file, or resume=auto")
+        return last
+    if not path.exists():
+        raise UserError(f"resume={value} does not exist; give a run dir, a checkpoint file (RUN_DIR/checkpoints/last.pt) or resume=auto")
+    return path
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run dir a checkpoint was written into (RUN_DIR/checkpoints/NAME.pt), or None."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Load a checkpoint to resume from and check it against the current resolved `config`.
+
+    Raises UserError when the file is unreadable, is not a kdtrain training checkpoint, or was
+    trained with other MUST_MATCH settings (naming the first differing key). Returns the state and
+    the other settings that differ ("key: old -> new"): they are allowed, but change the result.
+    """
+    state = load_checkpoint(path, "resume")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise UserError(f"resume {path} is not a kdtrain training checkpoint (it has no {(missing or ['config'])[0]!r} entry); "
+                        "give checkpoints/last.pt of a kdtrain run")
+    changed = []
+    for key, old, new in config_differences(state["config"], config):
+        if any(key == k or key.startswith(k + ".") for k in MUST_MATCH):
+            raise UserError(f"resume {path} was trained with {key}={_show(old)} but this run has {key}={_show(new)}; "
+                            f"resume with the checkpoint's settings, or start a new run without resume")
+        if not any(key == k or key.startswith(k + ".") for k in FREE):
+            changed.append(f"{key}: {_show(old)} -> {_show(new)}")
+    return state, changed
+
+
+_UNSET = object()
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs, in the old config's key order."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_differences(old.get(key, _UNSET), new.get(key, _UNSET), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _show(value: Any) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    return value if isinstance(value, str) else json.dumps(value)
