@@ -31,6 +31,11 @@ class Amp(Enum):
     off = "off"
 
 
+class NanPolicy(Enum):
+    stop = "stop"  # keep the last good checkpoint and stop, naming the step and the loss term
+    skip = "skip"  # drop the step (no update) and count it in the metrics' skipped_steps
+
+
 class Progress(Enum):
     auto = "auto"
     bar = "bar"
@@ -104,6 +109,8 @@ class KDConfig:
     baseline: bool = True  # also train the student alone (mode=none) and report the gain
     teacher_store: str = "outputs/teachers"
     progress: Progress = Progress.auto
+    resume: str | None = None  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
+    nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
 
 
 def register_schema() -> None:
