@@ -2,17 +2,26 @@
 
 Per step: student forward (and teacher forward without grad, eval mode) under one autocast
 context, loss math in float32, a GradScaler only for float16. Metrics are summed on the device
-and read once per epoch, so the step has no host-device sync.
+and read once per epoch; the step's one host sync is the non-finite-loss check (see `fit`).
+
+Every epoch ends with checkpoints/last.pt holding everything to continue exactly (weights, optimizer,
+schedule, scaler, RNG states, data order, metrics history); SIGINT/SIGTERM (under `stop_on_signals`)
+end the current step and write a mid-epoch checkpoint that resumes at the next step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +30,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kdtrain.checkpoint import save_checkpoint
+from kdtrain.checkpoint import load_into, save_checkpoint
 from kdtrain.data import TensorSet
+from kdtrain.errors import UserError
 from kdtrain.features import FeatureHook
 from kdtrain.losses import ce_loss, feature_loss, kd_loss, total_loss
 
@@ -43,6 +53,7 @@ class FitSpec:
     progress: str = "auto"  # auto | bar | log | off
     checkpoint_dir: Path | None = None
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
+    nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
 
 
 class DeviceBatches:
@@ -59,10 +70,14 @@ class DeviceBatches:
         return n // b if self.shuffle and n % b == 1 else math.ceil(n / b)
 
     def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, first: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass in a new order (drawn from `generator`), starting at batch `first` (to resume mid-epoch)."""
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
-        for i in range(len(self)):
+        for i in range(first, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
 
@@ -120,9 +135,81 @@ def evaluate(
     return out
 
 
-def _rng_state(batches: DeviceBatches) -> dict[str, Any]:
+def _rng_state(batches: DeviceBatches, device: torch.device) -> dict[str, Any]:
     # Tensors and plain Python values only, so the checkpoint loads with weights_only=True.
-    return {"torch": torch.get_rng_state(), "batches": batches.generator.get_state(), "python": list(random.getstate()[1])}
+    state = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state(), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], batches: DeviceBatches, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    batches.generator.set_state(state["batches"])
+    random.setstate((3, tuple(state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived: the current step was finished and, for a run with checkpoints, last.pt written."""
+
+    def __init__(self, signum: int, checkpoint: Path | None, where: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at {where}")
+        self.signum, self.checkpoint, self.where = signum, checkpoint, where
+
+
+class _StopRequest:
+    signum: int | None = None  # set by the signal handler; the loop reads it after every step (no sync)
+
+
+STOP = _StopRequest()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGINT and SIGTERM make the training loop stop after the current step, write
+    checkpoints/last.pt and raise Interrupted, instead of killing the process mid-write.
+
+    The handler only records the signal and puts the previous handlers back, so a second Ctrl-C
+    acts as usual (stops at once; atomic writes still leave no torn file).
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        STOP.signum = signum
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    STOP.signum = None
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        STOP.signum = None
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue from (see checkpoint.load_training_checkpoint)."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    floats = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(floats).all()) if floats else True
 
 
 def fit(
@@ -137,8 +224,10 @@ def fit(
     teacher_val_pred: Tensor | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     augment: Callable[[Tensor], Tensor] | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
-    """Train `model` for `spec.epochs`; return {"best_val_acc", "last_val_acc", "best_epoch", "history"}."""
+    """Train `model` for `spec.epochs` (continuing from `resume` when given); return
+    {"best_val_acc", "last_val_acc", "best_epoch", "history"} over every epoch, resumed ones included."""
     w = spec.weights
     needs_teacher = w["kd"] > 0 or w["feat"] > 0
     if needs_teacher and teacher is None:
@@ -157,17 +246,59 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
+    last_path = spec.checkpoint_dir / "last.pt" if spec.checkpoint_dir is not None else None
 
     history: list[dict[str, Any]] = []
     best = {"val_acc": -1.0, "epoch": 0}
-    for epoch in range(1, spec.epochs + 1):
+    partial: dict[str, Any] | None = None
+    if resume is not None:
+        history, best, partial = _restore(resume, model, adapter, optimizer, scheduler, scaler, batches, device, spec, steps_per_epoch)
+        log.info("%s: resuming from %s after epoch %d%s", spec.label, resume.path, len(history),
+                 f" and {partial['batches']} of {steps_per_epoch} steps of epoch {len(history) + 1}" if partial else "")
+
+    def state(epoch_done: int, step: int, partial_state: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "adapter": adapter.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch_done,  # completed epochs
+            "step": step,  # optimizer steps taken (skipped ones included)
+            "best_val_acc": best["val_acc"],
+            "best_epoch": best["epoch"],
+            "rng": _rng_state(batches, device),
+            "history": history,  # the metrics rows of the completed epochs
+            # Set in a mid-epoch checkpoint: how far into epoch `epoch + 1` it is, with that epoch's data
+            # order (the batch generator's state at its start) and running sums, so resume continues exactly.
+            "partial": partial_state,
+            **spec.checkpoint_extra,
+        }
+
+    # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
+    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", 0)) if last_path is not None else 0
+    for epoch in range(len(history) + 1, spec.epochs + 1):
         model.train()
         adapter.train()
+        order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
         # Running sums on the device: [samples, labelled, correct, total, ce, kd, feat].
         sums = torch.zeros(7, device=device)
+        first, skipped, seconds_before = 0, 0, 0.0
+        if partial is not None:
+            order, first, skipped, seconds_before = partial["order"], partial["batches"], partial["skipped"], partial["seconds"]
+            batches.generator.set_state(order)
+            sums = partial["sums"].to(device)
+            partial = None
         start = time.perf_counter()
-        bar = tqdm(batches, desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar, file=sys.stderr)
-        for x, y in bar:
+
+        def mid_epoch(done: int) -> dict[str, Any]:
+            return {"batches": done, "order": order, "sums": sums.cpu(), "skipped": skipped,
+                    "seconds": seconds_before + time.perf_counter() - start}
+
+        bar = tqdm(batches.epoch(first), desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar,
+                   file=sys.stderr, initial=first, total=steps_per_epoch)
+        for i, (x, y) in enumerate(bar, start=first):
+            step = (epoch - 1) * steps_per_epoch + i + 1
             if augment is not None:
                 x = augment(x)  # the teacher sees the same augmented batch as the student
             with autocast:
@@ -184,69 +315,150 @@ def fit(
                     adapted = adapter(hooks[0].pop())
                 terms["feat"] = feature_loss(adapted, hooks[1].pop())
             loss = total_loss(terms, w)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            with torch.no_grad():
-                labelled = y >= 0
-                n = torch.tensor(float(len(y)), device=device)
-                sums += torch.stack([
-                    n,
-                    labelled.sum().float(),
-                    ((logits.argmax(1) == y) & labelled).sum().float(),
-                    loss.detach().float() * n,
-                    terms["ce"].detach() * n,
-                    terms.get("kd", torch.zeros((), device=device)).detach() * n,
-                    terms.get("feat", torch.zeros((), device=device)).detach() * n,
-                ])
+            # The loop's one host sync per step, and worth it: the verdict must come before
+            # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays
+            # good and the error names the step; skip: the update is dropped). It waits for the
+            # forward pass only (backward is not queued yet); on the CPU nothing is queued at all, and
+            # with fp16 GradScaler.step() syncs once per step anyway.
+            if not bool(torch.isfinite(loss)):
+                if spec.nan_policy != "skip":
+                    bar.close()
+                    _stop_non_finite(spec, terms, epoch, i + 1, steps_per_epoch, last_path)
+                skipped += 1
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when step 1 is skipped
+                    warnings.simplefilter("ignore")
+                    scheduler.step()  # the schedule follows the batches, updated or not
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                with torch.no_grad():
+                    labelled = y >= 0
+                    n = torch.tensor(float(len(y)), device=device)
+                    sums += torch.stack([
+                        n,
+                        labelled.sum().float(),
+                        ((logits.argmax(1) == y) & labelled).sum().float(),
+                        loss.detach().float() * n,
+                        terms["ce"].detach() * n,
+                        terms.get("kd", torch.zeros((), device=device)).detach() * n,
+                        terms.get("feat", torch.zeros((), device=device)).detach() * n,
+                    ])
+            if STOP.signum is not None and i + 1 < steps_per_epoch:
+                bar.close()
+                where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
+                if last_path is not None:
+                    save_checkpoint(state(epoch - 1, step, mid_epoch(i + 1)), last_path)
+                raise Interrupted(STOP.signum, last_path, where)
         totals = sums.tolist()  # the one sync of the epoch
-        seconds = time.perf_counter() - start
+        seconds = seconds_before + time.perf_counter() - start
         bar.close()
+        if not _finite([*model.state_dict().values(), *adapter.state_dict().values()]):
+            # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
+            raise UserError(f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
+                            f"{_keep_note(last_path)}; {_nan_hint(spec)}")
         result = evaluate(model, val, device, amp_dtype, teacher_val_pred)
+        samples = totals[0] or float("nan")  # every step skipped: no training loss to report
         row: dict[str, Any] = {
             "epoch": epoch,
-            "loss": totals[3] / totals[0],
-            "ce": totals[4] / totals[0],
-            "kd": totals[5] / totals[0],
-            "feat": totals[6] / totals[0],
+            "loss": totals[3] / samples,
+            "ce": totals[4] / samples,
+            "kd": totals[5] / samples,
+            "feat": totals[6] / samples,
             "lr": optimizer.param_groups[0]["lr"],
             "train_acc": totals[2] / max(totals[1], 1.0),
             "val_acc": result["val_acc"],
             "agreement": result.get("agreement", float("nan")),
             "samples_per_sec": totals[0] / seconds,
             "epoch_seconds": seconds,
+            "skipped_steps": skipped,
             "per_class": result["per_class"],
         }
-        history.append(row)
         improved = row["val_acc"] > best["val_acc"]
         if improved:
             best = {"val_acc": row["val_acc"], "epoch": epoch}
-        if spec.checkpoint_dir is not None:
-            state = {
-                "model": model.state_dict(),
-                "adapter": adapter.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "step": epoch * steps_per_epoch,
-                "best_val_acc": best["val_acc"],
-                "rng": _rng_state(batches),
-                **spec.checkpoint_extra,
-            }
-            save_checkpoint(state, spec.checkpoint_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, spec.checkpoint_dir / "best.pt")
+        # The row is written before the checkpoint: a crash between the two leaves a row that
+        # resume drops (it keeps the rows of the epochs the checkpoint holds, from its history).
         if on_epoch is not None:
             on_epoch(row)
+        history.append(row)
+        if last_path is not None:
+            ckpt = state(epoch, epoch * steps_per_epoch, None)
+            save_checkpoint(ckpt, last_path)
+            if improved:
+                save_checkpoint(ckpt, last_path.with_name("best.pt"))
+            if epoch == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
         if spec.progress != "off":
             log.info(
-                "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s",
+                "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
                 spec.label, epoch, spec.epochs, row["loss"], row["train_acc"], row["val_acc"], row["samples_per_sec"],
+                f"  ({skipped} non-finite steps skipped)" if skipped else "",
             )
+        if STOP.signum is not None and epoch < spec.epochs:
+            raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
     if hooks is not None:
         for h in hooks:
             h.remove()
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "last_val_acc": history[-1]["val_acc"], "history": history}
+
+
+def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, batches: DeviceBatches,
+             device: torch.device, spec: FitSpec, steps_per_epoch: int) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+    """Load a checkpoint's training state; return (history, best, mid-epoch state or None)."""
+    s, path = resume.state, resume.path
+    load_into(model, s["model"], "resume", path)
+    load_into(adapter, s["adapter"], "resume (feature adapter)", path)
+    # The current recipe's hyper-parameters (lr, momentum, ...) win over the saved ones, so a run
+    # can be resumed with e.g. a lower lr; with the same config they are the same values.
+    recipe = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(s["optimizer"])
+        scheduler.load_state_dict(s["scheduler"])
+        if scaler.is_enabled() and s["scaler"]:
+            scaler.load_state_dict(s["scaler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"resume {path}: its optimizer state does not fit this run ({str(e).splitlines()[0][:150]}); "
+                        "resume with the settings it was trained with") from None
+    scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
+    lr = spec.lr * lr_factor(spec.scheduler, scheduler.last_epoch / steps_per_epoch, spec.epochs)
+    for group, own in zip(optimizer.param_groups, recipe):
+        group.update(own, initial_lr=spec.lr, lr=lr)
+    _set_rng_state(s["rng"], batches, device)
+    history = [dict(row) for row in s["history"]]
+    if len(history) != int(s["epoch"]):
+        raise UserError(f"resume {path} is inconsistent (epoch {s['epoch']} but {len(history)} metrics rows); use another checkpoint")
+    best = {"val_acc": float(s.get("best_val_acc", -1.0)), "epoch": int(s.get("best_epoch", 0))}
+    partial = s.get("partial")
+    if partial is not None and partial["batches"] >= steps_per_epoch:
+        raise UserError(f"resume {path} stopped at step {partial['batches']} of an epoch of {steps_per_epoch} steps; "
+                        "resume with the batch_size and data it was trained with")
+    return history, best, partial
+
+
+def _keep_note(last_path: Path | None) -> str:
+    if last_path is None:
+        return "nothing is saved for it"
+    if last_path.is_file():
+        return f"{last_path} keeps the last good state (the end of the previous epoch)"
+    return "no checkpoint was written yet"
+
+
+def _nan_hint(spec: FitSpec) -> str:
+    lr = "teacher_train.lr" if spec.label == "teacher" else "lr"
+    again = f", then continue with resume={spec.checkpoint_dir.parent}" if spec.checkpoint_dir is not None else ""
+    return f"lower {lr} (now {spec.lr:g}) or set nan_policy=skip{again}"
+
+
+def _stop_non_finite(spec: FitSpec, terms: dict[str, Tensor], epoch: int, batch: int, steps_per_epoch: int,
+                     last_path: Path | None) -> None:
+    """nan_policy=stop: raise naming the step and the term. last.pt is left as it is: it holds the end
+    of the previous epoch, whose weights were checked finite before it was written."""
+    bad = ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items() if not bool(torch.isfinite(t))) or "the total"
+    raise UserError(
+        f"{spec.label}: the loss went non-finite at epoch {epoch}, step {batch}/{steps_per_epoch} ({bad}); "
+        f"{_keep_note(last_path)}; {_nan_hint(spec)}"
+    )

@@ -14,27 +14,44 @@ from rich.table import Table
 from kdtrain.checkpoint import atomic_write
 
 # Columns of metrics.jsonl / metrics.csv, in order (a public interface: extend, never rename).
-COLUMNS = ["epoch", "loss", "ce", "kd", "feat", "lr", "train_acc", "val_acc", "agreement", "samples_per_sec", "epoch_seconds"]
+COLUMNS = ["epoch", "loss", "ce", "kd", "feat", "lr", "train_acc", "val_acc", "agreement", "samples_per_sec", "epoch_seconds",
+           "skipped_steps"]
 
 
 class MetricsWriter:
-    """Appends one row per epoch to `metrics.jsonl` and `metrics.csv` in `folder`."""
+    """Appends one row per epoch to `metrics.jsonl` and `metrics.csv` in `folder`.
 
-    def __init__(self, folder: Path, extra_columns: list[str] | None = None):
+    The files start with `rows` (a resumed run: the rows of the epochs its checkpoint holds; rows
+    of later epochs, written before an interruption, are dropped), written atomically."""
+
+    def __init__(self, folder: Path, extra_columns: list[str] | None = None, rows: list[dict[str, Any]] | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.columns = COLUMNS + (extra_columns or [])
         self.jsonl = folder / "metrics.jsonl"
         self.csv = folder / "metrics.csv"
-        self.jsonl.write_text("")
-        with open(self.csv, "w", newline="") as f:
-            csv.writer(f).writerow(self.columns)
+        values = [self._values(row) for row in rows or []]
+        atomic_write(self.jsonl, lambda p: p.write_text("".join(json.dumps(v) + "\n" for v in values)))
+
+        def write_csv(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(self.columns)
+                writer.writerows(self._cells(v) for v in values)
+
+        atomic_write(self.csv, write_csv)
+
+    def _values(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {k: _clean(row.get(k)) for k in self.columns}
+
+    def _cells(self, values: dict[str, Any]) -> list[Any]:
+        return ["" if values[k] is None else values[k] for k in self.columns]
 
     def write(self, row: dict[str, Any]) -> None:
-        values = {k: _clean(row.get(k)) for k in self.columns}
+        values = self._values(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(values) + "\n")
         with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow(["" if values[k] is None else values[k] for k in self.columns])
+            csv.writer(f).writerow(self._cells(values))
 
 
 def _clean(value: Any) -> Any:

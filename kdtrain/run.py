@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -12,12 +13,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdtrain.checkpoint import save_weights
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
 from kdtrain.config import Amp, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
-from kdtrain.engine import FitSpec, autocast_dtype, fit, predict
+from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict
 from kdtrain.errors import UserError
-from kdtrain.features import build_adapter, feature_dim
+from kdtrain.features import build_adapter, classifier_name, feature_dim
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
@@ -63,6 +64,7 @@ def _spec(cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir
         epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr), seed=int(cfg.seed),
         optimizer=cfg.optimizer, scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature),
         label=label, progress=cfg.progress.value, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra,
+        nan_policy=cfg.nan_policy.value,
     )
 
 
@@ -86,8 +88,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
     start = time.time()
     validate(cfg)
-    if (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resume = _resume(cfg, run_dir, config)
+    if resume is not None and _finished(resume, cfg, run_dir):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        log.info("%s is finished (%d epochs); nothing to resume", run_dir, int(cfg.epochs))
+        print_table(summary)
+        return float(summary["student"]["best_val_acc"])
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     weights = effective_weights(cfg)
@@ -99,6 +106,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.train)} samples); lower it")
     log.info("data: %s, %d training samples (%d labelled), %d validation, %d classes, input %s",
              cfg.dataset.name, len(splits.train), int((splits.train.y >= 0).sum()), len(splits.val), splits.num_classes, splits.in_shape)
+    if weights["feat"] > 0:
+        _check_feature_layers(cfg, splits)  # before the teacher trains, which can take long
 
     # Every run reports against its teacher, mode=none included (it is trained once, then reused).
     teacher, teacher_info = get_teacher(cfg, splits, device, amp_dtype)
@@ -115,12 +124,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         log.info("feature: student %d -> teacher %d through %s", s_dim, t_dim, type(adapter).__name__)
     log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
 
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    writer = MetricsWriter(run_dir, _extra_columns(cfg))
+    # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
+    writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None)
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device, amp_dtype, teacher=teacher, adapter=adapter, teacher_val_pred=teacher_pred,
-        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment,
+        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment, resume=resume,
     )
     meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
             "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
@@ -146,12 +155,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "best_epoch": result["best_epoch"],
             "last_val_acc": result["last_val_acc"],
             "agreement": last["agreement"],
+            "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result["history"]),
         },
         "baseline": baseline,
         "gain_vs_baseline": None if baseline is None else result["best_val_acc"] - baseline["best_val_acc"],
         "epochs": int(cfg.epochs),
         "seconds": time.time() - start,
         "run_dir": str(run_dir),
+        "resumed_from": str(resume.path) if resume else None,
     }
     if cfg.dataset.exclude_classes:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
@@ -161,6 +172,43 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
     return float(result["best_val_acc"])
+
+
+def _resume(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Resume | None:
+    """The checkpoint to continue from (resume=PATH|RUN_DIR|auto), checked against this config; None: a new run.
+
+    A run dir that holds a run is written into only by a resume of its own checkpoint."""
+    path = find_resume(cfg.resume, run_dir)
+    holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+    if holds_run and (path is None or run_dir_of(path) != run_dir.resolve()):
+        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+                        f"or continue that run with resume={run_dir}")
+    if path is None:
+        if cfg.resume == "auto":
+            log.info("resume=auto: no checkpoint in %s, starting a new run", run_dir / "checkpoints")
+        return None
+    state, changed = load_training_checkpoint(path, config)
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's (the result will differ from an "
+                    "uninterrupted run): %s", "; ".join(changed))
+    return Resume(path, state)
+
+
+def _finished(resume: Resume, cfg: DictConfig, run_dir: Path) -> bool:
+    """A resume of a run that completed every epoch and wrote its summary: nothing left to do."""
+    state = resume.state
+    return state.get("partial") is None and int(state["epoch"]) == int(cfg.epochs) and (run_dir / "summary.json").is_file()
+
+
+def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
+    """The feature term hooks each model's last nn.Linear: check both have one, on the meta device (no memory, no RNG)."""
+    for role in ("student", "teacher"):
+        try:
+            with torch.device("meta"):
+                model = build_model(OmegaConf.to_container(cfg[role], resolve=True), splits.num_classes, splits.in_shape, role)
+        except Exception:  # not buildable on the meta device: checked when it is really built
+            continue
+        classifier_name(model, role)
 
 
 def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: torch.dtype | None,
