@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of
 from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
 
@@ -139,11 +142,16 @@ def _sweep_variants(overrides: list[str]) -> list[list[str]]:
     return variants
 
 
-def check_command_line(argv: list[str]) -> None:
-    """Compose and validate the config each run would get; raise UserError on the first problem."""
-    flags, overrides = _split_argv(_normalise(argv))
+def check_command_line(argv: list[str]) -> list[str]:
+    """Compose and validate the config each run would get; raise UserError on the first problem.
+
+    Returns the command line to hand to Hydra: `argv`, plus `hydra.run.dir=RUN_DIR` when a run is
+    resumed from RUN_DIR/checkpoints/ without a hydra.run.dir (it continues in its own run dir).
+    """
+    argv = _normalise(argv)
+    flags, overrides = _split_argv(argv)
     if PRINT_ONLY & set(flags) or OWN_CONFIG & set(flags):
-        return
+        return argv
     config_name = "config"
     for i, f in enumerate(flags):
         if f in ("--config-name", "-cn") and i + 1 < len(flags):
@@ -153,8 +161,7 @@ def check_command_line(argv: list[str]) -> None:
     multirun = "-m" in flags or "--multirun" in flags
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     variants = _sweep_variants(user) if multirun else [user]
-    if not multirun:
-        _check_run_dir(overrides)
+    extra: list[str] = []
     with hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         for variant in variants:
             try:
@@ -163,6 +170,61 @@ def check_command_line(argv: list[str]) -> None:
                 culprit = _culprit(e, variant)
                 raise UserError(_one_line(e, culprit)) from None
             validate(cfg)
+            _check_machine(cfg)
+            if multirun and cfg.resume not in (None, "auto"):
+                raise UserError(f"resume={cfg.resume} continues one run; a sweep (--multirun) continues its jobs "
+                                "with resume=auto and the same hydra.sweep.dir")
+            if not multirun:
+                extra = _check_outputs(cfg, overrides)
+    return argv + extra
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    """The device and precision exist here (before Hydra creates a run dir)."""
+    from kdtrain.run import resolve_amp, resolve_device
+
+    resolve_amp(cfg.amp, resolve_device(cfg.device))
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """`folder` exists as a writable directory, or can be created."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={folder} cannot be created: {existing} is a file, not a folder; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={folder} cannot be written: {existing} is not writable for this user; choose another {key}")
+
+
+def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Where a single run writes: the run dir (not another run's, unless resuming it) and the teacher
+    store can be written, and a checkpoint to resume from fits this config. Returns overrides to add."""
+    run_dir = next((Path(o.split("=", 1)[1]).expanduser() for o in overrides if o.startswith("hydra.run.dir=")), None)
+    extra = []
+    checkpoint = find_resume(cfg.resume, run_dir)
+    if checkpoint is not None and run_dir is None:
+        run_dir = run_dir_of(checkpoint)  # continue in the run's own dir
+        if run_dir is not None:
+            extra.append(f"hydra.run.dir={_hydra_value(str(run_dir))}")
+    if run_dir is not None:
+        _check_writable(run_dir, "hydra.run.dir")
+        holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+        if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
+            raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+                            f"or continue that run with resume={run_dir}")
+    if checkpoint is not None:
+        load_training_checkpoint(checkpoint, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if not cfg.teacher.get("checkpoint"):
+        _check_writable(Path(str(cfg.teacher_store)).expanduser(), "teacher_store")
+    return extra
+
+
+def _hydra_value(text: str) -> str:
+    """`text` as a Hydra override value (quoted unless it is plain path characters)."""
+    if re.fullmatch(r"[\w./~-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _culprit(e: Exception, overrides: list[str]) -> str | None:
@@ -174,35 +236,51 @@ def _culprit(e: Exception, overrides: list[str]) -> str | None:
     return next((o for o in overrides if key and o.lstrip("+~").split("=")[0] == key), None)
 
 
-def _check_run_dir(overrides: list[str]) -> None:
-    for o in overrides:
-        if o.startswith("hydra.run.dir="):
-            folder = Path(o.split("=", 1)[1])
-            if (folder / "summary.json").exists() or (folder / "checkpoints" / "last.pt").exists():
-                raise UserError(f"{folder} already holds a run; choose another hydra.run.dir so nothing is overwritten")
+def _full_error() -> bool:
+    """HYDRA_FULL_ERROR=1: show the traceback of a user error too (for debugging kdtrain itself)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _resume_command(run_dir: Path, task_overrides: list[str]) -> str:
+    args = [o for o in task_overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
+    return shlex.join(["kdtrain", f"resume={run_dir}", *args])
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def task(cfg: DictConfig) -> float:
     """Hydra's task function: returns the best validation accuracy (what sweepers optimise)."""
+    from kdtrain.engine import Interrupted, stop_on_signals
     from kdtrain.run import run
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        return run(cfg, Path(hc.runtime.output_dir))
+        with stop_on_signals():  # SIGINT / SIGTERM: finish the step, save, raise Interrupted
+            return run(cfg, run_dir)
     except UserError as e:
         log.error("%s", e)
-        if hc.mode == RunMode.MULTIRUN:
+        if hc.mode == RunMode.MULTIRUN or _full_error():
             raise  # the sweep records the failed job
         print(f"kdtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            then = f"checkpoints/last.pt saved; continue with: {_resume_command(run_dir, list(hc.overrides.task))}"
+        else:  # stopped before the student's first checkpoint (e.g. while the teacher trained)
+            args = [o for o in hc.overrides.task if not o.startswith("resume=")]
+            then = f"nothing to resume yet; start again with: {shlex.join(['kdtrain', *args, f'hydra.run.dir={run_dir}'])}"
+        message = f"{e}; {then}"
+        log.warning("%s", message)
+        print(f"kdtrain: {message}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a killed job
 
 
 def main() -> None:
-    argv = _normalise(sys.argv[1:])
     try:
-        check_command_line(argv)
+        argv = check_command_line(sys.argv[1:])
     except UserError as e:
+        if _full_error():
+            raise
         print(f"kdtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
