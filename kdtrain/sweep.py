@@ -202,17 +202,22 @@ def _x(v: float | None) -> str:
 
 def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None:
     """The sweep table: teacher(s) first, then one row per configuration, best mean first."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or a pipe: no terminal width to respect
+            console = Console(width=120)
     rows = result["rows"]
     with_alone = any(r["gain_mean"] is not None for r in rows)
     common = " ".join(f"{k}={v}" for k, v in result.get("common", {}).items())
-    table = Table(title=title, caption="best/last: val acc in %, mean±std, sample std over seeds (ddof=1; '-' when n=1). "
-                  "FLOPs, CPU: teacher / student (CPU latency at batch 1)" + (f". Every row: {common}" if common else ""))
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="best/last: val acc in %, mean±std, sample std over seeds (ddof=1; '-' when n=1). "
+                  "FLOPs, CPU: teacher / student (CPU latency at batch 1)"
+                  + (". gain: points over the student alone (same seed)" if with_alone else "") + (f". Every row: {common}" if common else ""))
     table.add_column("config", min_width=10, overflow="fold")
-    for col in ("n", "best acc", "last acc", "params", "FLOPs", "CPU") + (("vs alone",) if with_alone else ()) + ("s/job",):
+    for col in ("n", "best acc", "last acc", "params", "FLOPs", "CPU") + (("gain",) if with_alone else ()) + ("s/job",):
         table.add_column(col, justify="right", no_wrap=True)
     for t in result["teachers"]:
         table.add_row(f"teacher ({t['name']})", "", _pct(t["val_acc"], show_std=False), _pct(t["val_acc"], show_std=False),
