@@ -229,9 +229,9 @@ def _hydra_value(text: str) -> str:
 
 def _culprit(e: Exception, overrides: list[str]) -> str | None:
     text = str(e)
-    for o in overrides:
-        if o in text:
-            return o
+    named = [o for o in overrides if o in text]
+    if named:  # the longest: `epochs=1` is in a message about `epochs=1.5` too
+        return max(named, key=len)
     key = getattr(e.__cause__, "full_key", None)
     return next((o for o in overrides if key and o.lstrip("+~").split("=")[0] == key), None)
 
