@@ -70,6 +70,8 @@ def test_same_seed_gives_identical_metrics(compose, tmp_path):
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("samples_per_sec", "epoch_seconds")} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
+    wa, wb = (load_file(tmp_path / name / "student.safetensors") for name in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical weights, not just equal metrics
 
 
 def test_labelled_subset_and_excluded_classes(compose, tmp_path):
