@@ -73,7 +73,7 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a checkpoint, or a pickle that wants to run code
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a checkpoint, or a pickle that wants to run code
         raise UserError(f"{what} {path} {_why_unloadable(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dictionary")

@@ -276,7 +276,7 @@ def fit(
         }
 
     # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
-    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", 0)) if last_path is not None else 0
+    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", "0")) if last_path is not None else 0
     for epoch in range(len(history) + 1, spec.epochs + 1):
         model.train()
         adapter.train()
@@ -290,11 +290,6 @@ def fit(
             sums = partial["sums"].to(device)
             partial = None
         start = time.perf_counter()
-
-        def mid_epoch(done: int) -> dict[str, Any]:
-            return {"batches": done, "order": order, "sums": sums.cpu(), "skipped": skipped,
-                    "seconds": seconds_before + time.perf_counter() - start}
-
         bar = tqdm(batches.epoch(first), desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar,
                    file=sys.stderr, initial=first, total=steps_per_epoch)
         for i, (x, y) in enumerate(bar, start=first):
@@ -350,7 +345,9 @@ def fit(
                 bar.close()
                 where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
                 if last_path is not None:
-                    save_checkpoint(state(epoch - 1, step, mid_epoch(i + 1)), last_path)
+                    done = {"batches": i + 1, "order": order, "sums": sums.cpu(), "skipped": skipped,
+                            "seconds": seconds_before + time.perf_counter() - start}
+                    save_checkpoint(state(epoch - 1, step, done), last_path)
                 raise Interrupted(STOP.signum, last_path, where)
         totals = sums.tolist()  # the one sync of the epoch
         seconds = seconds_before + time.perf_counter() - start

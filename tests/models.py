@@ -26,10 +26,10 @@ class Scripted(nn.Module):
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), hidden), nn.ReLU(), nn.Dropout(0.3))
         self.fc = nn.Linear(hidden, num_classes)
         self.forwards = 0
-        self.nan_at = int(os.environ.get("KDTRAIN_TEST_NAN_AT", 0))
-        self.signal_at = int(os.environ.get("KDTRAIN_TEST_SIGNAL_AT", 0))
+        self.nan_at = int(os.environ.get("KDTRAIN_TEST_NAN_AT", "0"))
+        self.signal_at = int(os.environ.get("KDTRAIN_TEST_SIGNAL_AT", "0"))
         self.signal = signal.Signals[os.environ.get("KDTRAIN_TEST_SIGNAL", "SIGTERM")]
-        self.sleep = float(os.environ.get("KDTRAIN_TEST_SLEEP", 0))
+        self.sleep = float(os.environ.get("KDTRAIN_TEST_SLEEP", "0"))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.fc(self.body(x))

@@ -182,6 +182,6 @@ def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path, world, m
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     result = subprocess.run([sys.executable, "-m", "kdtrain", "batch_size=5000", "progress=off",
                              f"teacher_store={world['fake_store']}", f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError: batch_size=5000 is larger" in result.stderr

@@ -44,8 +44,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def scripted_reference(tmp_path_factory, store) -> Path:
     """The uninterrupted run the interrupted ones must equal."""
-    from tests.conftest import TINY
     import hydra
+
+    from tests.conftest import TINY
 
     folder = tmp_path_factory.mktemp("reference")
     with hydra.initialize_config_module(config_module="kdtrain.conf", version_base="1.3"):
