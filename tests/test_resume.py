@@ -180,3 +180,13 @@ def test_resume_after_the_last_epoch_recomputes_the_baseline_and_the_summary(tmp
     assert [r["epoch"] for r in rows(tmp_path)] == [1, 2]
     again_weights = load_file(tmp_path / "student.safetensors")
     assert again_weights.keys() == weights.keys() and all(torch.equal(again_weights[k], weights[k]) for k in weights)
+
+
+def test_resume_into_a_new_dir_with_more_epochs_warns_and_keeps_the_history(tmp_path, compose, caplog):
+    run(compose("baseline=false", "epochs=1"), tmp_path / "a")
+    caplog.set_level("INFO", logger="kdtrain")
+    run(compose("baseline=false", "epochs=2", f"resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"), tmp_path / "b")
+    assert "settings that differ from the checkpoint's" in caplog.text and "epochs: 1 -> 2" in caplog.text
+    assert [r["epoch"] for r in rows(tmp_path / "b")] == [1, 2]
+    assert rows(tmp_path / "b")[0] == rows(tmp_path / "a")[0]
+    assert [r["epoch"] for r in rows(tmp_path / "a")] == [1]  # the source run is not written into
