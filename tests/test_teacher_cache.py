@@ -1,0 +1,210 @@
+"""The teacher-output cache: equal to the teacher, keyed by everything that decides it, safe on disk,
+float16 and top-k storage within tolerance, replayable augmented views."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdtrain.data import TensorSet
+from kdtrain.data.augment import make_augment
+from kdtrain.errors import UserError
+from kdtrain.features import Capture
+from kdtrain.losses import kd_loss
+from kdtrain.models import build_model
+from kdtrain.teacher_cache import TeacherCache, cache_file, cache_identity, cache_key, obtain
+
+CPU = torch.device("cpu")
+PATHS = ["features.1", "auto"]  # a feature map (conv block) and the penultimate vector
+DATASET = {"name": "digits", "val_size": 500, "split_seed": 0, "augment": False, "labelled_per_class": 20}
+
+
+def _teacher(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model({"name": "cnn", "width": 8, "hidden": 16}, 10, (1, 8, 8), "teacher").eval()
+
+
+def _data(n: int = 70, seed: int = 0) -> TensorSet:
+    g = torch.Generator().manual_seed(seed)
+    return TensorSet(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+@torch.no_grad()
+def _direct(teacher: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    capture = Capture(teacher, paths, "teacher")
+    try:
+        return teacher(x), capture.pop()
+    finally:
+        capture.remove()
+
+
+def _identity(teacher: nn.Module, data: TensorSet, **changes) -> dict:
+    args = {"dataset_cfg": DATASET, "amp_dtype": None, "feature_paths": PATHS, "dtype": "float32", "topk": None,
+            "temperature": 4.0, "views": 0, "augment": None}
+    args.update(changes)
+    return cache_identity(teacher, data, **args)
+
+
+def test_lookup_equals_the_teacher_and_disk_round_trip_is_exact(tmp_path: Path) -> None:
+    teacher, data = _teacher(), _data()
+    cache = TeacherCache.build(teacher, data, CPU, None, PATHS, batch_size=16)  # 16 does not divide 70
+    idx = torch.tensor([69, 0, 17, 33, 17])
+    logits, feats = cache.lookup(idx)
+    want_logits, want_feats = _direct(teacher, data.x[idx], PATHS)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert [f.shape for f in feats] == [f.shape for f in want_feats] == [(5, 16, 8, 8), (5, 16)]
+    for got, want in zip(feats, want_feats):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    cache.save(tmp_path / "c.safetensors")
+    again = TeacherCache.load(tmp_path / "c.safetensors", CPU, cache.key)
+    assert again.key == cache.key and again.num_classes == 10 and again.views == 0
+    all_idx = torch.arange(len(data))
+    (a, fa), (b, fb) = cache.lookup(all_idx), again.lookup(all_idx)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(fa, fb))
+
+
+def test_key_changes_with_teacher_weights_layers_data_and_storage() -> None:
+    teacher, data = _teacher(), _data()
+    base = cache_key(_identity(teacher, data))
+    assert cache_key(_identity(teacher, data)) == base  # deterministic
+    other_teacher = _teacher()
+    with torch.no_grad():
+        other_teacher.fc.bias[3] += 1e-3  # one weight
+    changed = {
+        "teacher weights": cache_key(_identity(other_teacher, data)),
+        "layer set": cache_key(_identity(teacher, data, feature_paths=["auto"])),
+        "dataset config": cache_key(_identity(teacher, data, dataset_cfg={**DATASET, "split_seed": 1})),
+        "inputs": cache_key(_identity(teacher, _data(seed=1))),
+        "fewer samples (e.g. hidden classes)": cache_key(_identity(teacher, data.subset(torch.arange(69)))),
+        "float16": cache_key(_identity(teacher, data, dtype="float16")),
+        "top-k": cache_key(_identity(teacher, data, topk=5)),
+        "autocast": cache_key(_identity(teacher, data, amp_dtype=torch.bfloat16)),
+    }
+    assert all(key != base for key in changed.values()), [k for k, v in changed.items() if v == base]
+    assert len(set(changed.values())) == len(changed)
+    # Labels do not change the teacher's outputs: labelled_per_class / exclude_classes are not in the key.
+    assert cache_key(_identity(teacher, data, dataset_cfg={**DATASET, "labelled_per_class": None})) == base
+    # The temperature matters only to a top-k cache (its fill value).
+    assert cache_key(_identity(teacher, data, temperature=2.0)) == base
+    assert cache_key(_identity(teacher, data, topk=5, temperature=2.0)) != changed["top-k"]
+
+
+def test_corrupt_cache_is_rejected_and_obtain_rebuilds_it(tmp_path: Path, caplog) -> None:
+    teacher, data = _teacher(), _data()
+    args = dict(teacher=teacher, train=data, num_classes=10, dataset_cfg=DATASET, cache_dir=tmp_path, device=CPU,
+                amp_dtype=None, feature_paths=PATHS)
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    first = obtain("disk", **args)
+    path = cache_file(tmp_path, first.key)
+    assert path.is_file() and "teacher cache: wrote" in caplog.text
+    caplog.clear()
+    assert obtain("disk", **args).key == first.key and "teacher cache: reusing" in caplog.text
+
+    good = path.read_bytes()
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "not safetensors": b"garbage" * 10,
+        "a flipped byte": good[:-9] + bytes([good[-9] ^ 0xFF]) + good[-8:],  # in the tensor data: the checksum sees it
+    }
+    for why, content in damaged.items():
+        path.write_bytes(content)
+        with pytest.raises(UserError, match="teacher cache .* (unreadable|checksum)"):
+            TeacherCache.load(path, CPU, first.key)
+        caplog.clear()
+        rebuilt = obtain("disk", **args)
+        assert "rebuilding it" in caplog.text and "teacher cache: wrote" in caplog.text, why
+        assert torch.equal(rebuilt.lookup(torch.arange(70))[0], first.lookup(torch.arange(70))[0])
+        assert path.read_bytes() == good  # rewritten (atomically), identical
+    with pytest.raises(UserError, match="another teacher"):
+        TeacherCache.load(path, CPU, "0" * 64)
+
+
+def test_float16_storage_is_within_tolerance() -> None:
+    teacher, data = _teacher(), _data()
+    full = TeacherCache.build(teacher, data, CPU, None, PATHS)
+    half = TeacherCache.build(teacher, data, CPU, None, PATHS, fp16=True)
+    assert half.logits.dtype == torch.float16 and half.nbytes() * 2 == full.nbytes()
+    idx = torch.arange(len(data))
+    (a, fa), (b, fb) = full.lookup(idx), half.lookup(idx)
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    for x, y in zip(fa, fb):
+        torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-3)
+    student = torch.randn_like(a)
+    torch.testing.assert_close(kd_loss(student, b, 4.0), kd_loss(student, a, 4.0), rtol=1e-4, atol=1e-6)
+
+
+def _reconstruct(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    class Head(nn.Module):  # a "teacher" whose output is the given logits
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return logits[i.flatten().long()]
+
+    data = TensorSet(torch.arange(len(logits), dtype=torch.float32).view(-1, 1, 1, 1), torch.zeros(len(logits), dtype=torch.long))
+    cache = TeacherCache.build(Head(), data, CPU, None, topk=k, temperature=temperature, batch_size=64)
+    assert cache.logits is None and cache.topk_values.shape == (len(logits), k)
+    return cache.lookup(torch.arange(len(logits)))[0]
+
+
+def test_topk_keeps_the_kd_loss_at_t4_for_100_classes() -> None:
+    torch.manual_seed(0)
+    b, c, t = 256, 100, 4.0
+    teacher = torch.randn(b, c)  # a confident teacher: one clear class, a spread tail
+    teacher[torch.arange(b), torch.randint(0, c, (b,))] += 8
+    student = 0.6 * teacher + 1.5 * torch.randn(b, c)
+    rebuilt = _reconstruct(teacher, 20, t)
+    # The top-k classes keep exactly their probability at T, the tail its total mass.
+    p_full, p_rebuilt = (torch.softmax(z / t, 1) for z in (teacher, rebuilt))
+    top = teacher.topk(20, 1).indices
+    torch.testing.assert_close(p_rebuilt.gather(1, top), p_full.gather(1, top), rtol=1e-5, atol=1e-6)
+    full, approx = kd_loss(student, teacher, t), kd_loss(student, rebuilt, t)
+    assert abs(approx / full - 1) < 0.05
+    # The documented alternative "min(top-k) - 20" loses the tail's mass at T=4: far off.
+    vals, idx = teacher.topk(20, 1)
+    crude = (vals.min(1, keepdim=True).values - 20).repeat(1, c).scatter(1, idx, vals)
+    assert abs(kd_loss(student, crude, t) / full - 1) > 1.0
+
+
+def test_augmented_views_are_replayed_exactly(tmp_path: Path) -> None:
+    teacher, data = _teacher(), _data(40)
+    augment = make_augment([0.0], [1.0], pad=2, flip=True)
+    cache = TeacherCache.build(teacher, data, CPU, None, ["auto"], views=3, augment=augment, batch_size=16)
+    assert cache.views == 3 and cache.rows == 120 and cache.view_dy.shape == (40, 3)
+    assert int(cache.view_dy.max()) <= 4 and cache.view_flip.any() and not cache.view_flip.all()
+    idx = torch.tensor([5, 39, 0, 5])
+    view = cache.draw_views(len(idx))
+    x = augment.at(data.x[idx], *cache.view_params(idx, view))
+    assert not torch.equal(x, data.x[idx])
+    logits, feats = cache.lookup(idx, view)
+    want_logits, want_feats = _direct(teacher, x, ["auto"])
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats[0], want_feats[0], rtol=1e-5, atol=1e-5)
+    cache.save(tmp_path / "v.safetensors")
+    again = TeacherCache.load(tmp_path / "v.safetensors", CPU, cache.key)
+    assert torch.equal(again.view_dy, cache.view_dy) and torch.equal(again.lookup(idx, view)[0], logits)
+
+
+def test_policies_under_augmentation_and_bad_settings(tmp_path: Path, caplog) -> None:
+    teacher, data = _teacher(), _data(20)
+    augment = make_augment([0.0], [1.0], pad=2, flip=True)
+    args = dict(teacher=teacher, train=data, num_classes=10, dataset_cfg=DATASET, cache_dir=tmp_path, device=CPU,
+                amp_dtype=None, feature_paths=[])
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    assert obtain("off", **args) is None
+    assert obtain("auto", **args) is not None  # deterministic inputs: cached in memory
+    assert obtain("auto", **args, augment=augment) is None
+    assert "randomly augmented so the teacher runs every step" in caplog.text
+    with pytest.raises(UserError, match="teacher_cache=memory needs deterministic training inputs"):
+        obtain("memory", **args, augment=augment)
+    assert obtain("memory", **args, augment=augment, views=2).views == 2
+    with pytest.raises(UserError, match="teacher_cache_views=2 caches augmented views, but"):
+        obtain("auto", **args, views=2)
+    with pytest.raises(UserError, match="teacher_cache_topk=10 is out of range for 10 classes"):
+        obtain("memory", **args, topk=10)
+    with pytest.raises(UserError, match="teacher_cache=sometimes is not accepted"):
+        obtain("sometimes", **args)
+    assert not list(tmp_path.iterdir())  # only teacher_cache=disk writes files
