@@ -94,10 +94,14 @@ def test_key_changes_with_teacher_weights_layers_data_and_storage() -> None:
     assert cache_key(_identity(teacher, data, topk=5, temperature=2.0)) != changed["top-k"]
 
 
+def _obtain_args(teacher: nn.Module, data: TensorSet, cache_dir: Path, paths: list[str]) -> dict:
+    return {"teacher": teacher, "train": data, "num_classes": 10, "dataset_cfg": DATASET, "cache_dir": cache_dir,
+            "device": CPU, "amp_dtype": None, "feature_paths": paths}
+
+
 def test_corrupt_cache_is_rejected_and_obtain_rebuilds_it(tmp_path: Path, caplog) -> None:
     teacher, data = _teacher(), _data()
-    args = dict(teacher=teacher, train=data, num_classes=10, dataset_cfg=DATASET, cache_dir=tmp_path, device=CPU,
-                amp_dtype=None, feature_paths=PATHS)
+    args = _obtain_args(teacher, data, tmp_path, PATHS)
     caplog.set_level(logging.INFO, logger="kdtrain")
     first = obtain("disk", **args)
     path = cache_file(tmp_path, first.key)
@@ -191,8 +195,7 @@ def test_augmented_views_are_replayed_exactly(tmp_path: Path) -> None:
 def test_policies_under_augmentation_and_bad_settings(tmp_path: Path, caplog) -> None:
     teacher, data = _teacher(), _data(20)
     augment = make_augment([0.0], [1.0], pad=2, flip=True)
-    args = dict(teacher=teacher, train=data, num_classes=10, dataset_cfg=DATASET, cache_dir=tmp_path, device=CPU,
-                amp_dtype=None, feature_paths=[])
+    args = _obtain_args(teacher, data, tmp_path, [])
     caplog.set_level(logging.INFO, logger="kdtrain")
     assert obtain("off", **args) is None
     assert obtain("auto", **args) is not None  # deterministic inputs: cached in memory
