@@ -86,6 +86,18 @@ class TeacherTrainConfig:
 
 
 @dataclass
+class FeatureConfig:
+    """Which layers the feature term compares (mode=feature|combined), and how."""
+
+    student: str | None = None  # short form for one pair: a module path of the student ...
+    teacher: str | None = None  # ... and of the teacher; `auto` = the classifier's input
+    pairs: list[Any] = field(default_factory=list)  # [{student: PATH, teacher: PATH, weight: W}, ...]
+    loss: str = "mse"  # mse | smooth_l1 | cosine | at (attention transfer)
+    align: str = "pool"  # spatial mismatch: pool the larger map | interpolate the smaller
+    hint_epochs: int = 0  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+
+
+@dataclass
 class KDConfig:
     teacher: Any = None  # model group entries are free-form: constructor kwargs differ per model
     student: Any = None
@@ -111,6 +123,7 @@ class KDConfig:
     progress: Progress = Progress.auto
     resume: str | None = None  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
     nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
 
 
 def register_schema() -> None:
@@ -130,6 +143,7 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Range and cross-key checks on a composed config; raises UserError naming the key."""
     _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
+    _validate_feature(cfg)
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
@@ -157,6 +171,21 @@ def validate(cfg: DictConfig) -> None:
     weights = effective_weights(cfg)
     if not any(weights.values()):
         raise UserError(f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0")
+
+
+def _validate_feature(cfg: DictConfig) -> None:
+    from kdtrain.features import ALIGNS, LOSSES, parse_pairs
+
+    f = cfg.feature
+    if f.loss not in LOSSES:
+        raise UserError(f"feature.loss={f.loss} is not accepted: use one of {', '.join(LOSSES)}")
+    if f.align not in ALIGNS:
+        raise UserError(f"feature.align={f.align} is not accepted: use one of {', '.join(ALIGNS)}")
+    _check(0 <= f.hint_epochs < cfg.epochs, "feature.hint_epochs", f.hint_epochs,
+           f"it must be >= 0 and less than epochs ({cfg.epochs}), so the mode's loss trains at least one epoch")
+    if f.hint_epochs and not effective_weights(cfg)["feat"]:
+        raise UserError("feature.hint_epochs needs the feature term: use mode=feature or mode=combined with alpha > 0")
+    parse_pairs(f)
 
 
 def _validate_recipe(prefix: str, opt: DictConfig, sched: DictConfig) -> None:

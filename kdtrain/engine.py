@@ -33,8 +33,8 @@ from tqdm import tqdm
 from kdtrain.checkpoint import load_into, save_checkpoint
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
-from kdtrain.features import FeatureHook
-from kdtrain.losses import ce_loss, feature_loss, kd_loss, total_loss
+from kdtrain.features import FeatureDistiller
+from kdtrain.losses import ce_loss, kd_loss, total_loss
 
 log = logging.getLogger("kdtrain")
 
@@ -54,6 +54,7 @@ class FitSpec:
     checkpoint_dir: Path | None = None
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
     nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
+    hint_epochs: int = 0  # FitNets stage 1: the first epochs train on the feature (hint) term alone
 
 
 class DeviceBatches:
@@ -220,7 +221,7 @@ def fit(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     teacher: nn.Module | None = None,
-    adapter: nn.Module | None = None,
+    features: FeatureDistiller | None = None,
     teacher_val_pred: Tensor | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     augment: Callable[[Tensor], Tensor] | None = None,
@@ -234,8 +235,10 @@ def fit(
         raise ValueError("a teacher is needed for the KD and feature terms")
     if teacher is not None:
         teacher.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, no grad
-    hooks = (FeatureHook(model, "student"), FeatureHook(teacher, "teacher")) if w["feat"] > 0 else None
-    adapter = adapter if adapter is not None else nn.Identity()
+    if w["feat"] > 0 and features is None:
+        raise ValueError("the feature term needs a FeatureDistiller")
+    # The adapters are training state: optimised, checkpointed ("adapter") and resumed with the student.
+    adapter: nn.Module = features if features is not None and w["feat"] > 0 else nn.Identity()
     params = [p for p in list(model.parameters()) + list(adapter.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, spec.optimizer, spec.lr)
     batches = DeviceBatches(train, spec.batch_size, device, shuffle=True, seed=spec.seed)
@@ -280,6 +283,11 @@ def fit(
     for epoch in range(len(history) + 1, spec.epochs + 1):
         model.train()
         adapter.train()
+        # FitNets' two stages: the hint alone first (parameters past the guided layer get no
+        # gradient, so set_to_none leaves them untouched, weight decay included), then the mode's loss.
+        stage_weights = {"ce": 0.0, "kd": 0.0, "feat": w["feat"]} if epoch <= spec.hint_epochs else w
+        if epoch == spec.hint_epochs + 1 and spec.hint_epochs:
+            log.info("%s: hint stage done after epoch %d; training on the mode's loss from now on", spec.label, spec.hint_epochs)
         order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
         # Running sums on the device: [samples, labelled, correct, total, ce, kd, feat].
         sums = torch.zeros(7, device=device)
@@ -305,11 +313,10 @@ def fit(
             terms: dict[str, Tensor] = {"ce": ce_loss(logits, y)}
             if w["kd"] > 0:
                 terms["kd"] = kd_loss(logits, teacher_logits, spec.temperature)
-            if hooks is not None:
+            if w["feat"] > 0:
                 with autocast:
-                    adapted = adapter(hooks[0].pop())
-                terms["feat"] = feature_loss(adapted, hooks[1].pop())
-            loss = total_loss(terms, w)
+                    terms["feat"] = features.compute()
+            loss = total_loss(terms, stage_weights)
             # The loop's one host sync per step, and worth it: the verdict must come before
             # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays
             # good and the error names the step; skip: the update is dropped). It waits for the
@@ -357,6 +364,8 @@ def fit(
             raise UserError(f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
                             f"{_keep_note(last_path)}; {_nan_hint(spec)}")
         result = evaluate(model, val, device, amp_dtype, teacher_val_pred)
+        if features is not None:
+            features.clear()  # hooks keep nothing past a step: drop what the evaluation forwards captured
         samples = totals[0] or float("nan")  # every step skipped: no training loss to report
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -396,9 +405,6 @@ def fit(
             )
         if STOP.signum is not None and epoch < spec.epochs:
             raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
-    if hooks is not None:
-        for h in hooks:
-            h.remove()
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "last_val_acc": history[-1]["val_acc"], "history": history}
 
 

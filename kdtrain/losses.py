@@ -37,9 +37,12 @@ def feature_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
 
 
 def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
-    """`ce_weight*CE + kd_weight*KD + alpha*FEAT` over the terms that are switched on."""
-    return sum((weights[name] * value for name, value in terms.items()), torch.zeros((), device=_device(terms)))
+    """`ce_weight*CE + kd_weight*KD + alpha*FEAT` over the terms whose weight is not 0.
 
-
-def _device(terms: dict[str, Tensor]) -> torch.device:
-    return next(iter(terms.values())).device
+    A term with weight 0 is left out of the graph, so parameters only it reaches get no gradient
+    (and SGD leaves them alone, weight decay included), e.g. the classifier in FitNets' hint stage.
+    """
+    on = [weights[name] * value for name, value in terms.items() if weights[name] != 0]
+    if not on:
+        raise ValueError("every loss weight is 0")
+    return torch.stack(on).sum() if len(on) > 1 else on[0]

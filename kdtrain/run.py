@@ -18,7 +18,7 @@ from kdtrain.config import Amp, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict
 from kdtrain.errors import UserError
-from kdtrain.features import build_adapter, classifier_name, feature_dim
+from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
@@ -64,7 +64,7 @@ def _spec(cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir
         epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr), seed=int(cfg.seed),
         optimizer=cfg.optimizer, scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature),
         label=label, progress=cfg.progress.value, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra,
-        nan_policy=cfg.nan_policy.value,
+        nan_policy=cfg.nan_policy.value, hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
     )
 
 
@@ -116,21 +116,23 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
-    adapter = None
+    features = None
     if weights["feat"] > 0:
-        s_dim = feature_dim(student, splits.in_shape, "student", device)
-        t_dim = feature_dim(teacher, splits.in_shape, "teacher", device)
-        adapter = build_adapter(s_dim, t_dim).to(device)
-        log.info("feature: student %d -> teacher %d through %s", s_dim, t_dim, type(adapter).__name__)
+        features = FeatureDistiller(student, teacher, parse_pairs(cfg.feature), splits.in_shape, device,
+                                    loss=cfg.feature.loss, align=cfg.feature.align).to(device)
+        for line in features.describe():
+            log.info("feature: %s", line)
     log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None)
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
-        device, amp_dtype, teacher=teacher, adapter=adapter, teacher_val_pred=teacher_pred,
+        device, amp_dtype, teacher=teacher, features=features, teacher_val_pred=teacher_pred,
         on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment, resume=resume,
     )
+    if features is not None:
+        features.remove()
     meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
             "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
@@ -201,14 +203,15 @@ def _finished(resume: Resume, cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
-    """The feature term hooks each model's last nn.Linear: check both have one, on the meta device (no memory, no RNG)."""
+    """Check that the feature layers exist in both models, on the meta device (no memory, no RNG)."""
+    pairs = parse_pairs(cfg.feature)
     for role in ("student", "teacher"):
         try:
             with torch.device("meta"):
                 model = build_model(OmegaConf.to_container(cfg[role], resolve=True), splits.num_classes, splits.in_shape, role)
         except Exception:  # noqa: BLE001, S112 - not buildable on the meta device: checked when it is really built
             continue
-        classifier_name(model, role)
+        Capture(model, [getattr(p, role) for p in pairs], role).remove()
 
 
 def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: torch.dtype | None,
