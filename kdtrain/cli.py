@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of
 from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
@@ -275,13 +277,34 @@ def task(cfg: DictConfig) -> float:
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a killed job
 
 
+def _distributed_argv(argv: list[str]) -> list[str]:
+    """Under torchrun: one run dir for all ranks (rank 0's clock decides), and only rank 0 writes
+    Hydra's files and logs."""
+    flags, overrides = _split_argv(argv)
+    if not any(o.startswith("hydra.run.dir=") for o in overrides) and not ({"-m", "--multirun"} & set(flags)):
+        # The same layout as conf/config.yaml's hydra.run.dir, from rank 0's clock: each rank
+        # resolving ${now:...} itself could land a second apart.
+        stamp = distributed.broadcast_object(datetime.now().strftime("outputs/runs/%Y-%m-%d/%H-%M-%S"))
+        argv = [*argv, f"hydra.run.dir={stamp}"]
+    if not distributed.is_main():
+        argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return argv
+
+
 def main() -> None:
+    distributed.init()  # under torchrun: join the process group first (a no-op otherwise)
     try:
         argv = check_command_line(sys.argv[1:])
     except UserError as e:
         if _full_error():
             raise
-        print(f"kdtrain: error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"kdtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if distributed.enabled():
+        argv = _distributed_argv(argv)
     sys.argv = [sys.argv[0], *argv]
-    task()
+    try:
+        task()
+    finally:
+        distributed.finish()
