@@ -36,6 +36,18 @@ class NanPolicy(Enum):
     skip = "skip"  # drop the step (no update) and count it in the metrics' skipped_steps
 
 
+class CachePolicy(Enum):
+    auto = "auto"  # in memory when the training inputs are deterministic (no random augmentation)
+    off = "off"  # the teacher runs every step
+    memory = "memory"  # computed once per run, kept on the training device
+    disk = "disk"  # as memory, and kept in teacher_cache_dir for later runs
+
+
+class CacheDtype(Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
 class Progress(Enum):
     auto = "auto"
     bar = "bar"
@@ -125,6 +137,14 @@ class KDConfig:
     nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
     feature: FeatureConfig = field(default_factory=FeatureConfig)
 
+    # Speed (see teacher_cache.py): the teacher's outputs computed once instead of at every step.
+    teacher_cache: CachePolicy = CachePolicy.auto
+    teacher_cache_dtype: CacheDtype = CacheDtype.float32
+    teacher_cache_topk: int | None = None  # keep the k largest logits per sample (many classes)
+    teacher_cache_views: int = 0  # under augmentation: cache K fixed augmented views per sample
+    teacher_cache_dir: str | None = None  # teacher_cache=disk: null = <teacher_store>/cache
+    compile: bool = False  # torch.compile the student's training forward pass
+
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="kdtrain_schema", node=KDConfig)
@@ -162,6 +182,7 @@ def validate(cfg: DictConfig) -> None:
         _check(d.labelled_per_class >= 1, "dataset.labelled_per_class", d.labelled_per_class,
                "it must be >= 1, or null to keep every label")
     _check(d.val_size >= 1, "dataset.val_size", d.val_size, "it must be >= 1")
+    _validate_cache(cfg)
     from kdtrain.models import resolve_builder
 
     for key in ("teacher", "student"):
@@ -186,6 +207,17 @@ def _validate_feature(cfg: DictConfig) -> None:
     if f.hint_epochs and not effective_weights(cfg)["feat"]:
         raise UserError("feature.hint_epochs needs the feature term: use mode=feature or mode=combined with alpha > 0")
     parse_pairs(f)
+
+
+def _validate_cache(cfg: DictConfig) -> None:
+    if cfg.teacher_cache_topk is not None:
+        _check(cfg.teacher_cache_topk >= 1, "teacher_cache_topk", cfg.teacher_cache_topk,
+               "it must be >= 1 (and below the number of classes), or null to keep every logit")
+    _check(cfg.teacher_cache_views >= 0, "teacher_cache_views", cfg.teacher_cache_views,
+           "it must be >= 0 (0: no augmented views; K: K fixed views per sample)")
+    if cfg.teacher_cache_views and cfg.teacher_cache.value == "off":
+        raise UserError(f"teacher_cache_views={cfg.teacher_cache_views} needs the teacher cache, but teacher_cache=off; "
+                        "set teacher_cache=auto (or memory, disk), or teacher_cache_views=0")
 
 
 def _validate_recipe(prefix: str, opt: DictConfig, sched: DictConfig) -> None:

@@ -3,6 +3,9 @@
 Per step: student forward (and teacher forward without grad, eval mode) under one autocast
 context, loss math in float32, a GradScaler only for float16. Metrics are summed on the device
 and read once per epoch; the step's one host sync is the non-finite-loss check (see `fit`).
+With a teacher cache (teacher_cache.py) the teacher's forward pass is skipped: its logits and
+features are looked up by sample index. On CUDA: cuDNN autotuning, channels_last for conv nets,
+optionally torch.compile on the student (checkpoints hold the uncompiled module's weights).
 
 Every epoch ends with checkpoints/last.pt holding everything to continue exactly (weights, optimizer,
 schedule, scaler, RNG states, data order, metrics history); SIGINT/SIGTERM (under `stop_on_signals`)
@@ -35,6 +38,7 @@ from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
 from kdtrain.features import FeatureDistiller
 from kdtrain.losses import ce_loss, kd_loss, total_loss
+from kdtrain.teacher_cache import TeacherCache
 
 log = logging.getLogger("kdtrain")
 
@@ -55,6 +59,8 @@ class FitSpec:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
     nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
     hint_epochs: int = 0  # FitNets stage 1: the first epochs train on the feature (hint) term alone
+    channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
+    compile: bool = False  # torch.compile the student's forward pass
 
 
 class DeviceBatches:
@@ -73,14 +79,15 @@ class DeviceBatches:
     def __iter__(self):
         return self.epoch()
 
-    def epoch(self, first: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass in a new order (drawn from `generator`), starting at batch `first` (to resume mid-epoch)."""
+    def epoch(self, first: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """One pass in a new order (drawn from `generator`), starting at batch `first` (to resume mid-epoch):
+        (inputs, labels, sample indices) per batch; the indices look up cached teacher outputs."""
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
         for i in range(first, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+            yield self.x[idx], self.y[idx], idx
 
 
 def lr_factor(sched: Any, epoch: float, total_epochs: int) -> float:
@@ -109,13 +116,20 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def wants_channels_last(choice: bool | None, device: torch.device, model: nn.Module | None) -> bool:
+    """channels_last: as chosen, or (None) on CUDA for a model with conv layers."""
+    if choice is not None:
+        return choice
+    return device.type == "cuda" and model is not None and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 512) -> Tensor:
     """Class predictions (on the CPU) for every sample, in eval mode."""
     was_training = model.training
     model.eval()
     preds = []
-    for x, _ in DeviceBatches(data, batch_size, device, shuffle=False):
+    for x, _, _ in DeviceBatches(data, batch_size, device, shuffle=False):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             preds.append(model(x).argmax(1))
     model.train(was_training)
@@ -226,17 +240,40 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     augment: Callable[[Tensor], Tensor] | None = None,
     resume: Resume | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `spec.epochs` (continuing from `resume` when given); return
-    {"best_val_acc", "last_val_acc", "best_epoch", "history"} over every epoch, resumed ones included."""
+    {"best_val_acc", "last_val_acc", "best_epoch", "history"} over every epoch, resumed ones included.
+
+    With `teacher_cache`, the teacher's logits (and the teacher-side features of `features`' pairs) come
+    from the cache by sample index instead of a forward pass; with a cache of augmented views, each
+    sample's batch input is one of its cached views (drawn per step), so student and teacher still see
+    the same input."""
     w = spec.weights
     needs_teacher = w["kd"] > 0 or w["feat"] > 0
-    if needs_teacher and teacher is None:
+    if needs_teacher and teacher is None and teacher_cache is None:
         raise ValueError("a teacher is needed for the KD and feature terms")
     if teacher is not None:
         teacher.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, no grad
     if w["feat"] > 0 and features is None:
         raise ValueError("the feature term needs a FeatureDistiller")
+    cache = teacher_cache if needs_teacher else None
+    if cache is not None:
+        if cache.views and augment is None:
+            raise ValueError("a teacher cache of augmented views needs the augmentation that replays them")
+        if w["feat"] > 0 and len(cache.features) != len(features.pairs):
+            raise ValueError(f"the teacher cache holds {len(cache.features)} feature layers, the feature term "
+                             f"compares {len(features.pairs)}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks the fastest kernels once
+    channels_last = wants_channels_last(spec.channels_last, device, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if teacher is not None and cache is None:
+            teacher.to(memory_format=torch.channels_last)
+    # The training forward may be compiled; `model` (the original module) is what is checkpointed,
+    # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
+    forward = torch.compile(model) if spec.compile else model
     # The adapters are training state: optimised, checkpointed ("adapter") and resumed with the student.
     adapter: nn.Module = features if features is not None and w["feat"] > 0 else nn.Identity()
     params = [p for p in list(model.parameters()) + list(adapter.parameters()) if p.requires_grad]
@@ -300,14 +337,22 @@ def fit(
         start = time.perf_counter()
         bar = tqdm(batches.epoch(first), desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar,
                    file=sys.stderr, initial=first, total=steps_per_epoch)
-        for i, (x, y) in enumerate(bar, start=first):
+        for i, (x, y, idx) in enumerate(bar, start=first):
             step = (epoch - 1) * steps_per_epoch + i + 1
-            if augment is not None:
+            view = None
+            if cache is not None and cache.views:
+                view = cache.draw_views(len(idx))  # one of each sample's K cached views, replayed exactly
+                x = augment.at(x, *cache.view_params(idx, view))
+            elif augment is not None:
                 x = augment(x)  # the teacher sees the same augmented batch as the student
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
-                logits = model(x)
-                teacher_logits = None
-                if needs_teacher:
+                logits = forward(x)
+                teacher_logits, teacher_feats = None, None
+                if cache is not None:
+                    teacher_logits, teacher_feats = cache.lookup(idx, view)  # no teacher forward pass
+                elif needs_teacher:
                     with torch.no_grad():
                         teacher_logits = teacher(x)
             terms: dict[str, Tensor] = {"ce": ce_loss(logits, y)}
@@ -315,7 +360,7 @@ def fit(
                 terms["kd"] = kd_loss(logits, teacher_logits, spec.temperature)
             if w["feat"] > 0:
                 with autocast:
-                    terms["feat"] = features.compute()
+                    terms["feat"] = features.compute(teacher_feats)
             loss = total_loss(terms, stage_weights)
             # The loop's one host sync per step, and worth it: the verdict must come before
             # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays

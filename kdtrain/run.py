@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
 from kdtrain.config import Amp, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
-from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict
+from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
+from kdtrain.teacher_cache import TeacherCache, obtain
 
 log = logging.getLogger("kdtrain")
 
@@ -65,6 +66,7 @@ def _spec(cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir
         optimizer=cfg.optimizer, scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature),
         label=label, progress=cfg.progress.value, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra,
         nan_policy=cfg.nan_policy.value, hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
+        compile=bool(cfg.compile),
     )
 
 
@@ -124,12 +126,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.info("feature: %s", line)
     log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
 
+    cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
+
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None)
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device, amp_dtype, teacher=teacher, features=features, teacher_val_pred=teacher_pred,
-        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment, resume=resume,
+        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment, resume=resume, teacher_cache=cache,
     )
     if features is not None:
         features.remove()
@@ -165,6 +169,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "seconds": time.time() - start,
         "run_dir": str(run_dir),
         "resumed_from": str(resume.path) if resume else None,
+        "teacher_cache": None if cache is None else {
+            "policy": cfg.teacher_cache.value, "key": cache.key, "views": cache.views,
+            "dtype": cfg.teacher_cache_dtype.value, "topk": cfg.teacher_cache_topk},
     }
     if cfg.dataset.exclude_classes:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
@@ -174,6 +181,26 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
     return float(result["best_val_acc"])
+
+
+def _teacher_cache(cfg: DictConfig, splits: Splits, teacher: torch.nn.Module, features: FeatureDistiller | None,
+                   weights: dict[str, float], device: torch.device, amp_dtype: torch.dtype | None) -> TeacherCache | None:
+    """The teacher-output cache for this run (teacher_cache=...), or None: the teacher runs every step."""
+    if weights["kd"] == 0 and weights["feat"] == 0:
+        return None  # mode=none: no teacher term
+    channels_last = wants_channels_last(None, device, teacher)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    cache_dir = Path(cfg.teacher_cache_dir or Path(cfg.teacher_store) / "cache").expanduser()
+    cache = obtain(
+        cfg.teacher_cache.value, teacher, splits.train, splits.num_classes, OmegaConf.to_container(cfg.dataset, resolve=True),
+        cache_dir, device, amp_dtype, [p.teacher for p in features.pairs] if features is not None else [],
+        dtype=cfg.teacher_cache_dtype.value, topk=cfg.teacher_cache_topk, temperature=float(cfg.temperature),
+        views=int(cfg.teacher_cache_views), augment=splits.augment, channels_last=channels_last,
+    )
+    if features is not None:
+        features.clear()  # the cache's forward passes also ran the distiller's teacher hooks
+    return cache
 
 
 def _resume(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Resume | None:

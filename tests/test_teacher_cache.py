@@ -3,6 +3,7 @@ float16 and top-k storage within tolerance, replayable augmented views."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.losses import kd_loss
 from kdtrain.models import build_model
+from kdtrain.run import run
 from kdtrain.teacher_cache import TeacherCache, cache_file, cache_identity, cache_key, obtain
 
 CPU = torch.device("cpu")
@@ -211,3 +213,76 @@ def test_policies_under_augmentation_and_bad_settings(tmp_path: Path, caplog) ->
     with pytest.raises(UserError, match="teacher_cache=sometimes is not accepted"):
         obtain("sometimes", **args)
     assert not list(tmp_path.iterdir())  # only teacher_cache=disk writes files
+
+
+# --- in a run -------------------------------------------------------------------------------------
+
+LOSS_COLUMNS = ("loss", "ce", "kd", "feat")
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in (*LOSS_COLUMNS, "train_acc", "val_acc")} for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["soft", "combined"])
+def test_cached_and_uncached_training_give_the_same_losses(compose, tmp_path, caplog, mode) -> None:
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    extra = ["feature.pairs=[{student: auto, teacher: auto}, {student: auto, teacher: features.1}]"] if mode == "combined" else []
+    run(compose(f"mode={mode}", "baseline=false", "teacher_cache=off", *extra), tmp_path / "off")
+    assert "teacher cache" not in caplog.text
+    run(compose(f"mode={mode}", "baseline=false", *extra), tmp_path / "auto")  # the default: auto
+    assert "computed once" in caplog.text and "teacher's forward pass is skipped" in caplog.text
+    off, cached = _losses(tmp_path / "off"), _losses(tmp_path / "auto")
+    assert len(off) == len(cached) == 2
+    for a, b in zip(off, cached):
+        for key in LOSS_COLUMNS:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        assert b["val_acc"] == a["val_acc"] and b["train_acc"] == a["train_acc"]
+    assert cached[-1]["kd"] > 0 and (cached[-1]["feat"] > 0) == (mode == "combined")
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["teacher_cache"]["policy"] == "auto" and summary["teacher_cache"]["views"] == 0
+    assert json.loads((tmp_path / "off" / "summary.json").read_text())["teacher_cache"] is None
+
+
+def test_disk_cache_is_reused_by_a_second_run(compose, tmp_path, caplog, store) -> None:
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    folder = tmp_path / "cache"
+    run(compose("baseline=false", "teacher_cache=disk", f"teacher_cache_dir={folder}"), tmp_path / "a")
+    assert "teacher cache: wrote" in caplog.text
+    caplog.clear()
+    run(compose("baseline=false", "teacher_cache=disk", f"teacher_cache_dir={folder}", "seed=1"), tmp_path / "b")
+    assert "teacher cache: reusing" in caplog.text and "computed once" not in caplog.text
+    assert len(list(folder.glob("*.safetensors"))) == 1
+    caplog.clear()
+    run(compose("baseline=false", "teacher_cache=disk", "teacher_cache_dtype=float16"), tmp_path / "c")
+    assert "teacher cache: wrote" in caplog.text and len(list((store / "cache").glob("*.safetensors"))) >= 1
+
+
+def test_augmented_data_runs_the_teacher_or_replays_cached_views(compose, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "epochs=1"), tmp_path / "auto")
+    assert "randomly augmented so the teacher runs every step" in caplog.text
+    caplog.clear()
+    run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "epochs=1", "teacher_cache_views=2",
+                "mode=combined"), tmp_path / "views")
+    assert "x 2 views computed once" in caplog.text
+    assert json.loads((tmp_path / "views" / "summary.json").read_text())["teacher_cache"]["views"] == 2
+    with pytest.raises(UserError, match="teacher_cache=memory needs deterministic training inputs"):
+        run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "teacher_cache=memory"), tmp_path / "m")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("teacher_cache_topk=0", "teacher_cache_topk=0 is out of range"),
+    ("teacher_cache_views=-1", "teacher_cache_views=-1 is out of range"),
+    ("teacher_cache_views=2", "teacher_cache_views=2 caches augmented views, but"),
+    ("teacher_cache_topk=10", "teacher_cache_topk=10 is out of range for 10 classes"),
+])
+def test_bad_cache_settings_are_user_errors(compose, tmp_path, override, message) -> None:
+    with pytest.raises(UserError, match=message):
+        run(compose("baseline=false", override), tmp_path)
+
+
+def test_views_with_the_cache_off_is_a_user_error(compose, tmp_path) -> None:
+    with pytest.raises(UserError, match="teacher_cache_views=2 needs the teacher cache, but teacher_cache=off"):
+        run(compose("teacher_cache=off", "teacher_cache_views=2"), tmp_path)
