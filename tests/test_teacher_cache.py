@@ -286,3 +286,25 @@ def test_bad_cache_settings_are_user_errors(compose, tmp_path, override, message
 def test_views_with_the_cache_off_is_a_user_error(compose, tmp_path) -> None:
     with pytest.raises(UserError, match="teacher_cache_views=2 needs the teacher cache, but teacher_cache=off"):
         run(compose("teacher_cache=off", "teacher_cache_views=2"), tmp_path)
+
+
+@pytest.mark.slow
+def test_compile_checkpoints_hold_the_uncompiled_weights(compose, tmp_path) -> None:
+    """compile=true (torch.compile of the student's training forward, ~20 s to compile on a CPU)."""
+    from safetensors.torch import load_file
+
+    run(compose("baseline=false", "compile=true"), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in last["model"])
+    weights = load_file(tmp_path / "student.safetensors")
+    assert weights.keys() == last["model"].keys()
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_cache_channels_last_and_bf16(compose, tmp_path) -> None:
+    """On CUDA: a conv student in channels_last, bf16 autocast, the cache built under the same autocast."""
+    run(compose("baseline=false", "device=cuda", "amp=bf16", "student=cnn", "student.width=8", "teacher_cache=off"), tmp_path / "off")
+    run(compose("baseline=false", "device=cuda", "amp=bf16", "student=cnn", "student.width=8"), tmp_path / "on")
+    off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
+    for a, b in zip(off, on):
+        assert b["kd"] == pytest.approx(a["kd"], rel=2e-2)  # bf16: rounding differs with the batch size
