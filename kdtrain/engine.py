@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from kdtrain import distributed
 from kdtrain.checkpoint import load_into, save_checkpoint
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
@@ -64,17 +66,29 @@ class FitSpec:
 
 
 class DeviceBatches:
-    """Batches by indexing a tensor that lives on the training device (no DataLoader, no copies per step)."""
+    """Batches by indexing a tensor that lives on the training device (no DataLoader, no copies per step).
 
-    def __init__(self, data: TensorSet, batch_size: int, device: torch.device, shuffle: bool, seed: int = 0):
+    Under torchrun each of `world` ranks holds the data and draws the same permutation; a step takes one
+    global batch of `batch_size * world` samples and rank `rank` trains on its share of it.
+    """
+
+    def __init__(self, data: TensorSet, batch_size: int, device: torch.device, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.x, self.y = data.x.to(device), data.y.to(device)
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        n, b = len(self.y), self.batch_size
-        # A trailing batch of one sample is dropped when shuffling: BatchNorm cannot train on it.
-        return n // b if self.shuffle and n % b == 1 else math.ceil(n / b)
+        n, b = len(self.y), self.batch_size * self.world
+        # A trailing batch too small to give each rank two samples is dropped when shuffling:
+        # BatchNorm cannot train on one sample.
+        return n // b if self.shuffle and 0 < n % b < 2 * self.world else math.ceil(n / b)
+
+    def global_size(self, i: int) -> int:
+        """Samples in global batch `i` (all ranks together)."""
+        b = self.batch_size * self.world
+        return min(b, len(self.y) - i * b)
 
     def __iter__(self):
         return self.epoch()
@@ -85,8 +99,11 @@ class DeviceBatches:
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
+        b = self.batch_size * self.world
         for i in range(first, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * b : (i + 1) * b]
+            if self.world > 1:
+                idx = torch.tensor_split(idx, self.world)[self.rank]
             yield self.x[idx], self.y[idx], idx
 
 
@@ -273,12 +290,24 @@ def fit(
             teacher.to(memory_format=torch.channels_last)
     # The training forward may be compiled; `model` (the original module) is what is checkpointed,
     # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
-    forward = torch.compile(model) if spec.compile else model
+    world, rank = distributed.world_size(), distributed.rank()
+    ddp = world > 1 and torch.distributed.is_initialized()
+    forward: nn.Module = model
+    if ddp:
+        # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast
+        # at the start); hooks stay on `model`'s modules. The adapters' few gradients are averaged by
+        # hand after backward. A hint stage leaves the classifier without gradients: DDP must know.
+        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=spec.hint_epochs > 0)
+        for p in features.parameters() if features is not None else []:
+            torch.distributed.broadcast(p.data, src=0)
+    if spec.compile:
+        forward = torch.compile(forward)
     # The adapters are training state: optimised, checkpointed ("adapter") and resumed with the student.
     adapter: nn.Module = features if features is not None and w["feat"] > 0 else nn.Identity()
     params = [p for p in list(model.parameters()) + list(adapter.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, spec.optimizer, spec.lr)
-    batches = DeviceBatches(train, spec.batch_size, device, shuffle=True, seed=spec.seed)
+    batches = DeviceBatches(train, spec.batch_size, device, shuffle=True, seed=spec.seed, rank=rank, world=world)
     steps_per_epoch = len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(spec.scheduler, step / steps_per_epoch, spec.epochs)
@@ -286,7 +315,10 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
-    last_path = spec.checkpoint_dir / "last.pt" if spec.checkpoint_dir is not None else None
+    # Only rank 0 writes checkpoints and metrics.
+    last_path = spec.checkpoint_dir / "last.pt" if spec.checkpoint_dir is not None and rank == 0 else None
+    if rank != 0:
+        on_epoch = None
 
     history: list[dict[str, Any]] = []
     best = {"val_acc": -1.0, "epoch": 0}
@@ -312,6 +344,7 @@ def fit(
             # Set in a mid-epoch checkpoint: how far into epoch `epoch + 1` it is, with that epoch's data
             # order (the batch generator's state at its start) and running sums, so resume continues exactly.
             "partial": partial_state,
+            "world_size": world,  # a checkpoint from N ranks resumes on M (see _restore)
             **spec.checkpoint_extra,
         }
 
@@ -332,7 +365,8 @@ def fit(
         if partial is not None:
             order, first, skipped, seconds_before = partial["order"], partial["batches"], partial["skipped"], partial["seconds"]
             batches.generator.set_state(order)
-            sums = partial["sums"].to(device)
+            if rank == 0:  # the saved sums are all ranks' together
+                sums = partial["sums"].to(device)
             partial = None
         start = time.perf_counter()
         bar = tqdm(batches.epoch(first), desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar,
@@ -362,12 +396,18 @@ def fit(
                 with autocast:
                     terms["feat"] = features.compute(teacher_feats)
             loss = total_loss(terms, stage_weights)
+            if ddp:
+                # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
+                # the global batch makes that average the gradient of the global batch's mean.
+                loss_to_backward = loss * (len(idx) * world / batches.global_size(i))
+            else:
+                loss_to_backward = loss
             # The loop's one host sync per step, and worth it: the verdict must come before
             # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays
             # good and the error names the step; skip: the update is dropped). It waits for the
             # forward pass only (backward is not queued yet); on the CPU nothing is queued at all, and
             # with fp16 GradScaler.step() syncs once per step anyway.
-            if not bool(torch.isfinite(loss)):
+            if not _all_finite(loss, ddp):
                 if spec.nan_policy != "skip":
                     bar.close()
                     _stop_non_finite(spec, terms, epoch, i + 1, steps_per_epoch, last_path)
@@ -377,7 +417,9 @@ def fit(
                     scheduler.step()  # the schedule follows the batches, updated or not
             else:
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss_to_backward).backward()
+                if ddp and features is not None:
+                    distributed.average_gradients(list(features.parameters()))
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -393,15 +435,16 @@ def fit(
                         terms.get("kd", torch.zeros((), device=device)).detach() * n,
                         terms.get("feat", torch.zeros((), device=device)).detach() * n,
                     ])
-            if STOP.signum is not None and i + 1 < steps_per_epoch:
+            if _stop_requested(ddp) and i + 1 < steps_per_epoch:
                 bar.close()
                 where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
+                all_sums = distributed.all_reduce_sum(sums.clone()) if ddp else sums
                 if last_path is not None:
-                    done = {"batches": i + 1, "order": order, "sums": sums.cpu(), "skipped": skipped,
+                    done = {"batches": i + 1, "order": order, "sums": all_sums.cpu(), "skipped": skipped,
                             "seconds": seconds_before + time.perf_counter() - start}
                     save_checkpoint(state(epoch - 1, step, done), last_path)
                 raise Interrupted(STOP.signum, last_path, where)
-        totals = sums.tolist()  # the one sync of the epoch
+        totals = (distributed.all_reduce_sum(sums) if ddp else sums).tolist()  # the one sync of the epoch
         seconds = seconds_before + time.perf_counter() - start
         bar.close()
         if not _finite([*model.state_dict().values(), *adapter.state_dict().values()]):
@@ -448,7 +491,7 @@ def fit(
                 spec.label, epoch, spec.epochs, row["loss"], row["train_acc"], row["val_acc"], row["samples_per_sec"],
                 f"  ({skipped} non-finite steps skipped)" if skipped else "",
             )
-        if STOP.signum is not None and epoch < spec.epochs:
+        if _stop_requested(ddp) and epoch < spec.epochs:
             raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "last_val_acc": history[-1]["val_acc"], "history": history}
 
@@ -481,10 +524,36 @@ def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: to
         raise UserError(f"resume {path} is inconsistent (epoch {s['epoch']} but {len(history)} metrics rows); use another checkpoint")
     best = {"val_acc": float(s.get("best_val_acc", -1.0)), "epoch": int(s.get("best_epoch", 0))}
     partial = s.get("partial")
+    saved_world = int(s.get("world_size", 1))
+    if partial is not None and saved_world != batches.world:
+        # Another number of ranks means other global batches: replay the interrupted epoch from its
+        # start, in the same order (at most that epoch's progress is recomputed).
+        log.info("resume: saved by %d rank(s), continuing on %d: epoch %d restarts from its first step",
+                 saved_world, batches.world, len(history) + 1)
+        partial = {"batches": 0, "order": partial["order"], "sums": torch.zeros(7), "skipped": 0, "seconds": 0.0}
     if partial is not None and partial["batches"] >= steps_per_epoch:
         raise UserError(f"resume {path} stopped at step {partial['batches']} of an epoch of {steps_per_epoch} steps; "
                         "resume with the batch_size and data it was trained with")
     return history, best, partial
+
+
+def _all_finite(loss: Tensor, ddp: bool) -> bool:
+    """Whether the loss is finite on every rank (ranks must agree, or their collectives would hang)."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    if ddp:
+        distributed.all_reduce_sum(bad)
+    return not bool(bad)
+
+
+def _stop_requested(ddp: bool) -> bool:
+    """A SIGINT/SIGTERM reached this rank (or, under torchrun, any rank)."""
+    if not ddp:
+        return STOP.signum is not None
+    flag = torch.tensor([float(STOP.signum or 0)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and STOP.signum is None:
+        STOP.signum = int(flag.item())
+    return bool(flag.item())
 
 
 def _keep_note(last_path: Path | None) -> str:

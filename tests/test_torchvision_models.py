@@ -18,7 +18,7 @@ from torchvision import models
 
 from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
-from kdtrain.features import FeatureHook, classifier_name
+from kdtrain.features import AUTO, Capture, classifier_name
 from kdtrain.models import build_model, known_models
 from kdtrain.models.tv import InputAdapter, check_forward
 
@@ -35,13 +35,13 @@ def tv(arch: str, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32
 @pytest.mark.parametrize("arch", ARCHS)
 def test_builds_and_returns_logits(arch: str, in_shape: tuple[int, int, int]) -> None:
     model = tv(arch, 10, in_shape).train()
-    hook = FeatureHook(model, "student")
+    hook = Capture(model, [AUTO], "student")
     logits = model(torch.randn(2, *in_shape))
     assert logits.shape == (2, 10)
     # The classifier is the last nn.Linear: its input is the penultimate feature kdtrain hooks.
     last = model.get_submodule(classifier_name(model, "student"))
     assert last.out_features == 10
-    assert hook.pop().shape == (2, last.in_features)
+    assert hook.pop()[0].flatten(1).shape == (2, last.in_features)
     hook.remove()
 
 
