@@ -136,6 +136,7 @@ class KDConfig:
     resume: str | None = None  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
     nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     # Speed (see teacher_cache.py): the teacher's outputs computed once instead of at every step.
     teacher_cache: CachePolicy = CachePolicy.auto

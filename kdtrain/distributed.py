@@ -8,6 +8,8 @@ barriers. Without torchrun (WORLD_SIZE unset or 1) every function here is a no-o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -51,6 +53,17 @@ def init(device_type: str | None = None) -> None:
 def barrier() -> None:
     if enabled() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. trains and stores the teacher); the others run it after."""
+    if is_main():
+        yield
+        barrier()
+    else:
+        barrier()
+        yield
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -61,6 +61,7 @@ class FitSpec:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
     nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
     hint_epochs: int = 0  # FitNets stage 1: the first epochs train on the feature (hint) term alone
+    distributed: bool = True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
     channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
     compile: bool = False  # torch.compile the student's forward pass
 
@@ -290,8 +291,8 @@ def fit(
             teacher.to(memory_format=torch.channels_last)
     # The training forward may be compiled; `model` (the original module) is what is checkpointed,
     # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
-    world, rank = distributed.world_size(), distributed.rank()
-    ddp = world > 1 and torch.distributed.is_initialized()
+    ddp = spec.distributed and distributed.enabled() and torch.distributed.is_initialized()
+    world, rank = (distributed.world_size(), distributed.rank()) if ddp else (1, 0)
     forward: nn.Module = model
     if ddp:
         # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast

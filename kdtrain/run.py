@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
 from kdtrain.config import Amp, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
@@ -97,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         log.info("%s is finished (%d epochs); nothing to resume", run_dir, int(cfg.epochs))
         print_table(summary)
         return float(summary["student"]["best_val_acc"])
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.device_for_rank(cfg.device))
     amp_dtype = resolve_amp(cfg.amp, device)
     weights = effective_weights(cfg)
     for key, term in (("kd_weight", "kd"), ("alpha", "feat")):
@@ -112,12 +113,20 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         _check_feature_layers(cfg, splits)  # before the teacher trains, which can take long
 
     # Every run reports against its teacher, mode=none included (it is trained once, then reused).
-    teacher, teacher_info = get_teacher(cfg, splits, device, amp_dtype)
+    # Under torchrun rank 0 gets the teacher first (training and storing it when needed) while the
+    # other ranks wait; then they load it from the store. The same for a disk cache below.
+    with distributed.rank0_first():
+        teacher, teacher_info = get_teacher(cfg, splits, device, amp_dtype)
     teacher_pred = predict(teacher, splits.val, device, amp_dtype)
     log.info("teacher: %s, %d params, val_acc %.4f", teacher_info["name"], teacher_info["params"], teacher_info["val_acc"])
 
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
+    if cfg.sync_bn and distributed.enabled():
+        if device.type == "cuda":
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        else:  # PyTorch's SyncBatchNorm runs on GPUs only
+            log.warning("sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type)
     features = None
     if weights["feat"] > 0:
         features = FeatureDistiller(student, teacher, parse_pairs(cfg.feature), splits.in_shape, device,
@@ -126,17 +135,24 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.info("feature: %s", line)
     log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
 
-    cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
+    with distributed.rank0_first():
+        cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
-    writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None)
+    main = distributed.is_main()  # only rank 0 writes files
+    writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None) if main else None
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device, amp_dtype, teacher=teacher, features=features, teacher_val_pred=teacher_pred,
-        on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment, resume=resume, teacher_cache=cache,
+        on_epoch=_with_excluded(cfg, writer.write) if main else None, augment=splits.augment, resume=resume,
+        teacher_cache=cache,
     )
     if features is not None:
         features.remove()
+    if not main:
+        if cfg.baseline and cfg.mode.value != "none":
+            _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")  # its collectives need every rank
+        return float(result["best_val_acc"])
     meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
             "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
@@ -247,10 +263,10 @@ def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: 
     log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
-    writer = MetricsWriter(folder, _extra_columns(cfg))
+    on_epoch = _with_excluded(cfg, MetricsWriter(folder, _extra_columns(cfg)).write) if distributed.is_main() else None
     weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
     result = fit(student, splits.train, splits.val, _spec(cfg, weights, "baseline", None, {}), device, amp_dtype,
-                 teacher_val_pred=teacher_pred, on_epoch=_with_excluded(cfg, writer.write), augment=splits.augment)
+                 teacher_val_pred=teacher_pred, on_epoch=on_epoch, augment=splits.augment)
     out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
     if cfg.dataset.exclude_classes:
         out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")

@@ -106,7 +106,7 @@ def _train_into(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch
     spec = FitSpec(
         epochs=int(t.epochs), batch_size=int(t.batch_size), lr=float(t.lr), seed=int(t.seed),
         optimizer=t.optimizer, scheduler=t.scheduler, weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
-        label="teacher", progress=cfg.progress.value,
+        label="teacher", progress=cfg.progress.value, distributed=False,  # rank 0 alone, the others wait
     )
     start = time.time()
     rows: list[str] = []
