@@ -48,6 +48,11 @@ class CacheDtype(Enum):
     float16 = "float16"
 
 
+class Logger(Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+
+
 class Progress(Enum):
     auto = "auto"
     bar = "bar"
@@ -145,6 +150,7 @@ class KDConfig:
     teacher_cache_views: int = 0  # under augmentation: cache K fixed augmented views per sample
     teacher_cache_dir: str | None = None  # teacher_cache=disk: null = <teacher_store>/cache
     compile: bool = False  # torch.compile the student's training forward pass
+    logger: Logger = Logger.none  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
 
 
 def register_schema() -> None:
@@ -165,6 +171,11 @@ def validate(cfg: DictConfig) -> None:
     """Range and cross-key checks on a composed config; raises UserError naming the key."""
     _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
     _validate_feature(cfg)
+    if cfg.logger == Logger.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'") from None
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")

@@ -54,6 +54,29 @@ class MetricsWriter:
             csv.writer(f).writerow(self._cells(values))
 
 
+class TensorBoardWriter:
+    """The metrics rows' scalars as TensorBoard events in `folder` (logger=tensorboard)."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def sink(self, prefix: str):
+        """A metrics-row callback that logs every numeric column as `prefix/column` at step `epoch`."""
+
+        def write(row: dict[str, Any]) -> None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, global_step=int(row["epoch"]))
+            self.writer.flush()
+
+        return write
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _clean(value: Any) -> Any:
     # JSON has no NaN: write null instead (e.g. agreement when there is no teacher).
     if isinstance(value, float) and not math.isfinite(value):

@@ -15,13 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, effective_weights, validate
+from kdtrain.config import Amp, Logger, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
-from kdtrain.report import MetricsWriter, print_table, write_summary
+from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
 
@@ -75,14 +75,19 @@ def _extra_columns(cfg: DictConfig) -> list[str]:
     return ["val_acc_excluded"] if cfg.dataset.exclude_classes else []
 
 
-def _with_excluded(cfg: DictConfig, write):
-    """Adds the mean validation accuracy on the classes hidden from the student."""
+def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[str, Any]] | None = None):
+    """The per-epoch callback (rank 0): metrics files, TensorBoard when logger=tensorboard, and the mean
+    validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
+    writes = [MetricsWriter(folder, _extra_columns(cfg), history).write]
+    if cfg.logger == Logger.tensorboard:
+        writes.append(TensorBoardWriter(folder / "tensorboard").sink(label))
 
     def on_epoch(row: dict[str, Any]) -> None:
         if excluded:
             row["val_acc_excluded"] = float(np.mean([row["per_class"][c] for c in excluded]))
-        write(row)
+        for write in writes:
+            write(row)
 
     return on_epoch
 
@@ -140,11 +145,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
-    writer = MetricsWriter(run_dir, _extra_columns(cfg), resume.state["history"] if resume else None) if main else None
+    on_epoch = _epoch_sink(cfg, run_dir, "student", resume.state["history"] if resume else None) if main else None
     result = fit(
         student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device, amp_dtype, teacher=teacher, features=features, teacher_val_pred=teacher_pred,
-        on_epoch=_with_excluded(cfg, writer.write) if main else None, augment=splits.augment, resume=resume,
+        on_epoch=on_epoch, augment=splits.augment, resume=resume,
         teacher_cache=cache,
     )
     if features is not None:
@@ -263,7 +268,7 @@ def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: 
     log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
-    on_epoch = _with_excluded(cfg, MetricsWriter(folder, _extra_columns(cfg)).write) if distributed.is_main() else None
+    on_epoch = _epoch_sink(cfg, folder, "baseline") if distributed.is_main() else None
     weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
     result = fit(student, splits.train, splits.val, _spec(cfg, weights, "baseline", None, {}), device, amp_dtype,
                  teacher_val_pred=teacher_pred, on_epoch=on_epoch, augment=splits.augment)
