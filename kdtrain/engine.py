@@ -408,7 +408,8 @@ def fit(
             # good and the error names the step; skip: the update is dropped). It waits for the
             # forward pass only (backward is not queued yet); on the CPU nothing is queued at all, and
             # with fp16 GradScaler.step() syncs once per step anyway.
-            if not _all_finite(loss, ddp):
+            finite, stop = _step_verdict(loss, ddp)
+            if not finite:
                 if spec.nan_policy != "skip":
                     bar.close()
                     _stop_non_finite(spec, terms, epoch, i + 1, steps_per_epoch, last_path)
@@ -436,7 +437,7 @@ def fit(
                         terms.get("kd", torch.zeros((), device=device)).detach() * n,
                         terms.get("feat", torch.zeros((), device=device)).detach() * n,
                     ])
-            if _stop_requested(ddp) and i + 1 < steps_per_epoch:
+            if stop and i + 1 < steps_per_epoch:
                 bar.close()
                 where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
                 all_sums = distributed.all_reduce_sum(sums.clone()) if ddp else sums
@@ -492,7 +493,7 @@ def fit(
                 spec.label, epoch, spec.epochs, row["loss"], row["train_acc"], row["val_acc"], row["samples_per_sec"],
                 f"  ({skipped} non-finite steps skipped)" if skipped else "",
             )
-        if _stop_requested(ddp) and epoch < spec.epochs:
+        if _stop_requested(ddp, device) and epoch < spec.epochs:
             raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "last_val_acc": history[-1]["val_acc"], "history": history}
 
@@ -538,23 +539,30 @@ def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: to
     return history, best, partial
 
 
-def _all_finite(loss: Tensor, ddp: bool) -> bool:
-    """Whether the loss is finite on every rank (ranks must agree, or their collectives would hang)."""
+def _step_verdict(loss: Tensor, ddp: bool) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, a SIGINT/SIGTERM reached any rank): under torchrun one small
+    collective a step, as ranks must agree on both or their next collectives would hang."""
     bad = (~torch.isfinite(loss.detach())).float()
-    if ddp:
-        distributed.all_reduce_sum(bad)
-    return not bool(bad)
+    if not ddp:
+        return not bool(bad), STOP.signum is not None
+    flags = torch.stack([bad, torch.tensor(float(STOP.signum or 0), device=loss.device)])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad_any, signum = flags.tolist()
+    if signum and STOP.signum is None:
+        STOP.signum = int(signum)
+    return not bad_any, bool(signum)
 
 
-def _stop_requested(ddp: bool) -> bool:
+def _stop_requested(ddp: bool, device: torch.device) -> bool:
     """A SIGINT/SIGTERM reached this rank (or, under torchrun, any rank)."""
     if not ddp:
         return STOP.signum is not None
-    flag = torch.tensor([float(STOP.signum or 0)])
+    flag = torch.tensor([float(STOP.signum or 0)], device=device)  # NCCL reduces device tensors only
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item() and STOP.signum is None:
-        STOP.signum = int(flag.item())
-    return bool(flag.item())
+    signum = int(flag.item())
+    if signum and STOP.signum is None:
+        STOP.signum = signum
+    return bool(signum)
 
 
 def _keep_note(last_path: Path | None) -> str:
