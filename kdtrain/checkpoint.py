@@ -73,7 +73,7 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a checkpoint, or a pickle that wants to run code
+    except Exception as e:
         raise UserError(f"{what} {path} {_why_unloadable(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dictionary")
@@ -85,11 +85,15 @@ def _why_unloadable(e: Exception) -> str:
     text = str(e)
     code = re.search(r"GLOBAL ([\w.]+)", text)
     if code:
-        return (f"was refused: it names Python code ({code.group(1)}) that would run on loading, and kdtrain loads "
-                "only tensors and plain values; if you trust the file, re-save its weights as a state dict or .safetensors")
+        return (
+            f"was refused: it names Python code ({code.group(1)}) that would run on loading, and kdtrain loads "
+            "only tensors and plain values; if you trust the file, re-save its weights as a state dict or .safetensors"
+        )
     if "Unsupported operand" in text:
-        return ("is not a PyTorch checkpoint (a plain pickle or another format, refused unread); "
-                "give a file written by torch.save or kdtrain")
+        return (
+            "is not a PyTorch checkpoint (a plain pickle or another format, refused unread); "
+            "give a file written by torch.save or kdtrain"
+        )
     if isinstance(e, EOFError) or "central directory" in text or "PytorchStreamReader" in text:
         return "is truncated or corrupt (an interrupted copy or download?); use an intact copy"
     first = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
@@ -105,7 +109,9 @@ def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{what} {path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+            raise UserError(
+                f"{what} {path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
+            ) from None
     state = load_checkpoint(path, what)
     for key in ("student", "model", "state_dict"):
         if isinstance(state.get(key), dict):
@@ -159,11 +165,16 @@ def find_resume(value: str | None, run_dir: Path | None) -> Path | None:
     if path.is_dir():
         last = path / "checkpoints" / "last.pt"
         if not last.is_file():
-            raise UserError(f"resume={value} holds no checkpoints/last.pt to continue from; give the run dir of a "
-                            "kdtrain run that saved a checkpoint, a checkpoint file, or resume=auto")
+            raise UserError(
+                f"resume={value} holds no checkpoints/last.pt to continue from; give the run dir of a "
+                "kdtrain run that saved a checkpoint, a checkpoint file, or resume=auto"
+            )
         return last
     if not path.exists():
-        raise UserError(f"resume={value} does not exist; give a run dir, a checkpoint file (RUN_DIR/checkpoints/last.pt) or resume=auto")
+        raise UserError(
+            f"resume={value} does not exist; give a run dir, a checkpoint file (RUN_DIR/checkpoints/last.pt) or "
+            "resume=auto"
+        )
     return path
 
 
@@ -183,13 +194,17 @@ def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[s
     state = load_checkpoint(path, "resume")
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing or not isinstance(state["config"], dict):
-        raise UserError(f"resume {path} is not a kdtrain training checkpoint (it has no {(missing or ['config'])[0]!r} entry); "
-                        "give checkpoints/last.pt of a kdtrain run")
+        raise UserError(
+            f"resume {path} is not a kdtrain training checkpoint (it has no {(missing or ['config'])[0]!r} entry); "
+            "give checkpoints/last.pt of a kdtrain run"
+        )
     changed = []
     for key, old, new in config_differences(state["config"], config):
         if any(key == k or key.startswith(k + ".") for k in MUST_MATCH):
-            raise UserError(f"resume {path} was trained with {key}={_show(old)} but this run has {key}={_show(new)}; "
-                            f"resume with the checkpoint's settings, or start a new run without resume")
+            raise UserError(
+                f"resume {path} was trained with {key}={_show(old)} but this run has {key}={_show(new)}; "
+                f"resume with the checkpoint's settings, or start a new run without resume"
+            )
         if not any(key == k or key.startswith(k + ".") for k in FREE):
             changed.append(f"{key}: {_show(old)} -> {_show(new)}")
     return state, changed

@@ -35,8 +35,23 @@ GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "ex
 PRINT_ONLY = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 # Flags that change where configs come from: let Hydra report on those itself.
 OWN_CONFIG = {"--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun"}
-FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--cfg", "-c",
-                    "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
+FLAGS_WITH_VALUE = {
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--config-path",
+    "-cp",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+}
 
 log = logging.getLogger("kdtrain")
 register_schema()
@@ -83,13 +98,17 @@ def _one_line(e: Exception, override: str | None) -> str:
         key = unknown.group(1)
         close = difflib.get_close_matches(key, _known_keys(), n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        return (f"{key} is not a kdtrain setting{hint}; `kdtrain --cfg job` lists every key "
-                f"(to add an option to a custom model, write +{key}=VALUE)")
+        return (
+            f"{key} is not a kdtrain setting{hint}; `kdtrain --cfg job` lists every key "
+            f"(to add an option to a custom model, write +{key}=VALUE)"
+        )
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or (override or "").split("=")[0].lstrip("+~")
-        return (f"{key} is not a kdtrain setting; check the spelling (`kdtrain --cfg job` lists every key), "
-                f"or add a model option with +{key}=VALUE")
+        return (
+            f"{key} is not a kdtrain setting; check the spelling (`kdtrain --cfg job` lists every key), "
+            f"or add a model option with +{key}=VALUE"
+        )
     if isinstance(cause, ValidationError):
         key = getattr(cause, "full_key", None) or "?"
         value = override.split("=", 1)[1] if override and "=" in override else "?"
@@ -174,8 +193,10 @@ def check_command_line(argv: list[str]) -> list[str]:
             validate(cfg)
             _check_machine(cfg)
             if multirun and cfg.resume not in (None, "auto"):
-                raise UserError(f"resume={cfg.resume} continues one run; a sweep (--multirun) continues its jobs "
-                                "with resume=auto and the same hydra.sweep.dir")
+                raise UserError(
+                    f"resume={cfg.resume} continues one run; a sweep (--multirun) continues its jobs "
+                    "with resume=auto and the same hydra.sweep.dir"
+                )
             if not multirun:
                 extra = _check_outputs(cfg, overrides)
     return argv + extra
@@ -196,7 +217,9 @@ def _check_writable(folder: Path, key: str) -> None:
     if not existing.is_dir():
         raise UserError(f"{key}={folder} cannot be created: {existing} is a file, not a folder; choose another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={folder} cannot be written: {existing} is not writable for this user; choose another {key}")
+        raise UserError(
+            f"{key}={folder} cannot be written: {existing} is not writable for this user; choose another {key}"
+        )
 
 
 def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
@@ -213,8 +236,10 @@ def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
         _check_writable(run_dir, "hydra.run.dir")
         holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
         if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
-            raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-                            f"or continue that run with resume={run_dir}")
+            raise UserError(
+                f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+                f"or continue that run with resume={run_dir}"
+            )
     if checkpoint is not None:
         load_training_checkpoint(checkpoint, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     if not cfg.teacher.get("checkpoint"):
@@ -270,7 +295,9 @@ def task(cfg: DictConfig) -> float:
             then = f"checkpoints/last.pt saved; continue with: {_resume_command(run_dir, list(hc.overrides.task))}"
         else:  # stopped before the student's first checkpoint (e.g. while the teacher trained)
             args = [o for o in hc.overrides.task if not o.startswith("resume=")]
-            then = f"nothing to resume yet; start again with: {shlex.join(['kdtrain', *args, f'hydra.run.dir={run_dir}'])}"
+            then = (
+                f"nothing to resume yet; start again with: {shlex.join(['kdtrain', *args, f'hydra.run.dir={run_dir}'])}"
+            )
         message = f"{e}; {then}"
         log.warning("%s", message)
         print(f"kdtrain: {message}", file=sys.stderr)

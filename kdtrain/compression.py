@@ -49,8 +49,9 @@ def _profile(model: nn.Module, in_shape: tuple[int, ...], budget_s: float) -> di
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     params = sum(p.numel() for p in cpu_model.parameters())
     out: dict[str, Any] = {"params": int(params), "flops": count_flops(cpu_model, torch.zeros(1, *in_shape))}
-    out["latency_ms"] = {f"batch_{b}": cpu_latency_ms(cpu_model, torch.zeros(b, *in_shape), budget_s=budget_s)
-                         for b in BATCHES}
+    out["latency_ms"] = {
+        f"batch_{b}": cpu_latency_ms(cpu_model, torch.zeros(b, *in_shape), budget_s=budget_s) for b in BATCHES
+    }
     return out
 
 
@@ -58,8 +59,13 @@ def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
 
 
-def compression_report(teacher: nn.Module, student: nn.Module, in_shape: tuple[int, ...] | list[int],
-                       device: torch.device | str | None = None, budget_s: float = 0.15) -> dict[str, Any]:
+def compression_report(
+    teacher: nn.Module,
+    student: nn.Module,
+    in_shape: tuple[int, ...] | list[int],
+    device: torch.device | str | None = None,
+    budget_s: float = 0.15,
+) -> dict[str, Any]:
     """Parameters, FLOPs (batch 1) and CPU latency (batch 1 and 64) of teacher and student, and their ratios.
 
     Ratios are teacher / student: how many times smaller (params, FLOPs) and faster (latency) the
@@ -78,6 +84,12 @@ def compression_report(teacher: nn.Module, student: nn.Module, in_shape: tuple[i
     for b in BATCHES:
         key = f"batch_{b}"
         ratios[f"latency_{key}"] = _ratio(t["latency_ms"][key], s["latency_ms"][key])
-    return {"teacher": t, "student": s, "ratios": ratios, "latency_device": "cpu",
-            "threads": 1, "trained_on": str(device) if device is not None else None,
-            "input_shape": list(in_shape)}
+    return {
+        "teacher": t,
+        "student": s,
+        "ratios": ratios,
+        "latency_device": "cpu",
+        "threads": 1,
+        "trained_on": str(device) if device is not None else None,
+        "input_shape": list(in_shape),
+    }

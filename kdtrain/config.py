@@ -175,7 +175,9 @@ def validate(cfg: DictConfig) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise UserError("logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'") from None
+            raise UserError(
+                "logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'"
+            ) from None
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
@@ -191,8 +193,12 @@ def validate(cfg: DictConfig) -> None:
         _validate_recipe(prefix, node.optimizer, node.scheduler)
     d = cfg.dataset
     if d.labelled_per_class is not None:
-        _check(d.labelled_per_class >= 1, "dataset.labelled_per_class", d.labelled_per_class,
-               "it must be >= 1, or null to keep every label")
+        _check(
+            d.labelled_per_class >= 1,
+            "dataset.labelled_per_class",
+            d.labelled_per_class,
+            "it must be >= 1, or null to keep every label",
+        )
     _check(d.val_size >= 1, "dataset.val_size", d.val_size, "it must be >= 1")
     _validate_cache(cfg)
     from kdtrain.models import resolve_builder
@@ -203,7 +209,9 @@ def validate(cfg: DictConfig) -> None:
         resolve_builder(OmegaConf.to_container(cfg[key], resolve=True), key)
     weights = effective_weights(cfg)
     if not any(weights.values()):
-        raise UserError(f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0")
+        raise UserError(
+            f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0"
+        )
 
 
 def _validate_feature(cfg: DictConfig) -> None:
@@ -214,8 +222,12 @@ def _validate_feature(cfg: DictConfig) -> None:
         raise UserError(f"feature.loss={f.loss} is not accepted: use one of {', '.join(LOSSES)}")
     if f.align not in ALIGNS:
         raise UserError(f"feature.align={f.align} is not accepted: use one of {', '.join(ALIGNS)}")
-    _check(0 <= f.hint_epochs < cfg.epochs, "feature.hint_epochs", f.hint_epochs,
-           f"it must be >= 0 and less than epochs ({cfg.epochs}), so the mode's loss trains at least one epoch")
+    _check(
+        0 <= f.hint_epochs < cfg.epochs,
+        "feature.hint_epochs",
+        f.hint_epochs,
+        f"it must be >= 0 and less than epochs ({cfg.epochs}), so the mode's loss trains at least one epoch",
+    )
     if f.hint_epochs and not effective_weights(cfg)["feat"]:
         raise UserError("feature.hint_epochs needs the feature term: use mode=feature or mode=combined with alpha > 0")
     parse_pairs(f)
@@ -223,13 +235,23 @@ def _validate_feature(cfg: DictConfig) -> None:
 
 def _validate_cache(cfg: DictConfig) -> None:
     if cfg.teacher_cache_topk is not None:
-        _check(cfg.teacher_cache_topk >= 1, "teacher_cache_topk", cfg.teacher_cache_topk,
-               "it must be >= 1 (and below the number of classes), or null to keep every logit")
-    _check(cfg.teacher_cache_views >= 0, "teacher_cache_views", cfg.teacher_cache_views,
-           "it must be >= 0 (0: no augmented views; K: K fixed views per sample)")
+        _check(
+            cfg.teacher_cache_topk >= 1,
+            "teacher_cache_topk",
+            cfg.teacher_cache_topk,
+            "it must be >= 1 (and below the number of classes), or null to keep every logit",
+        )
+    _check(
+        cfg.teacher_cache_views >= 0,
+        "teacher_cache_views",
+        cfg.teacher_cache_views,
+        "it must be >= 0 (0: no augmented views; K: K fixed views per sample)",
+    )
     if cfg.teacher_cache_views and cfg.teacher_cache.value == "off":
-        raise UserError(f"teacher_cache_views={cfg.teacher_cache_views} needs the teacher cache, but teacher_cache=off; "
-                        "set teacher_cache=auto (or memory, disk), or teacher_cache_views=0")
+        raise UserError(
+            f"teacher_cache_views={cfg.teacher_cache_views} needs the teacher cache, but teacher_cache=off; "
+            "set teacher_cache=auto (or memory, disk), or teacher_cache_views=0"
+        )
 
 
 def _validate_recipe(prefix: str, opt: DictConfig, sched: DictConfig) -> None:

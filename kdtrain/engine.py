@@ -61,7 +61,9 @@ class FitSpec:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
     nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
     hint_epochs: int = 0  # FitNets stage 1: the first epochs train on the feature (hint) term alone
-    distributed: bool = True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
+    distributed: bool = (
+        True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
+    )
     channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
     compile: bool = False  # torch.compile the student's forward pass
 
@@ -73,8 +75,16 @@ class DeviceBatches:
     global batch of `batch_size * world` samples and rank `rank` trains on its share of it.
     """
 
-    def __init__(self, data: TensorSet, batch_size: int, device: torch.device, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        data: TensorSet,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.x, self.y = data.x.to(device), data.y.to(device)
         self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
         self.rank, self.world = rank, world
@@ -138,11 +148,17 @@ def wants_channels_last(choice: bool | None, device: torch.device, model: nn.Mod
     """channels_last: as chosen, or (None) on CUDA for a model with conv layers."""
     if choice is not None:
         return choice
-    return device.type == "cuda" and model is not None and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return (
+        device.type == "cuda"
+        and model is not None
+        and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    )
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 512) -> Tensor:
+def predict(
+    model: nn.Module, data: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 512
+) -> Tensor:
     """Class predictions (on the CPU) for every sample, in eval mode."""
     was_training = model.training
     model.eval()
@@ -161,7 +177,9 @@ def evaluate(
     pred = predict(model, data, device, amp_dtype)
     correct = pred == data.y
     classes = int(data.y.max()) + 1
-    per_class = [correct[data.y == c].float().mean().item() if (data.y == c).any() else float("nan") for c in range(classes)]
+    per_class = [
+        correct[data.y == c].float().mean().item() if (data.y == c).any() else float("nan") for c in range(classes)
+    ]
     out = {"val_acc": correct.float().mean().item(), "per_class": per_class}
     if reference is not None:
         out["agreement"] = (pred == reference).float().mean().item()
@@ -170,7 +188,11 @@ def evaluate(
 
 def _rng_state(batches: DeviceBatches, device: torch.device) -> dict[str, Any]:
     # Tensors and plain Python values only, so the checkpoint loads with weights_only=True.
-    state = {"torch": torch.get_rng_state(), "batches": batches.generator.get_state(), "python": list(random.getstate()[1])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "batches": batches.generator.get_state(),
+        "python": list(random.getstate()[1]),
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
@@ -280,8 +302,10 @@ def fit(
         if cache.views and augment is None:
             raise ValueError("a teacher cache of augmented views needs the augmentation that replays them")
         if w["feat"] > 0 and len(cache.features) != len(features.pairs):
-            raise ValueError(f"the teacher cache holds {len(cache.features)} feature layers, the feature term "
-                             f"compares {len(features.pairs)}")
+            raise ValueError(
+                f"the teacher cache holds {len(cache.features)} feature layers, the feature term "
+                f"compares {len(features.pairs)}"
+            )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks the fastest kernels once
     channels_last = wants_channels_last(spec.channels_last, device, model)
@@ -298,8 +322,11 @@ def fit(
         # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast
         # at the start); hooks stay on `model`'s modules. The adapters' few gradients are averaged by
         # hand after backward. A hint stage leaves the classifier without gradients: DDP must know.
-        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=spec.hint_epochs > 0)
+        forward = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=spec.hint_epochs > 0,
+        )
         for p in features.parameters() if features is not None else []:
             torch.distributed.broadcast(p.data, src=0)
     if spec.compile:
@@ -325,9 +352,16 @@ def fit(
     best = {"val_acc": -1.0, "epoch": 0}
     partial: dict[str, Any] | None = None
     if resume is not None:
-        history, best, partial = _restore(resume, model, adapter, optimizer, scheduler, scaler, batches, device, spec, steps_per_epoch)
-        log.info("%s: resuming from %s after epoch %d%s", spec.label, resume.path, len(history),
-                 f" and {partial['batches']} of {steps_per_epoch} steps of epoch {len(history) + 1}" if partial else "")
+        history, best, partial = _restore(
+            resume, model, adapter, optimizer, scheduler, scaler, batches, device, spec, steps_per_epoch
+        )
+        log.info(
+            "%s: resuming from %s after epoch %d%s",
+            spec.label,
+            resume.path,
+            len(history),
+            f" and {partial['batches']} of {steps_per_epoch} steps of epoch {len(history) + 1}" if partial else "",
+        )
 
     def state(epoch_done: int, step: int, partial_state: dict[str, Any] | None) -> dict[str, Any]:
         return {
@@ -358,20 +392,36 @@ def fit(
         # gradient, so set_to_none leaves them untouched, weight decay included), then the mode's loss.
         stage_weights = {"ce": 0.0, "kd": 0.0, "feat": w["feat"]} if epoch <= spec.hint_epochs else w
         if epoch == spec.hint_epochs + 1 and spec.hint_epochs:
-            log.info("%s: hint stage done after epoch %d; training on the mode's loss from now on", spec.label, spec.hint_epochs)
+            log.info(
+                "%s: hint stage done after epoch %d; training on the mode's loss from now on",
+                spec.label,
+                spec.hint_epochs,
+            )
         order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
         # Running sums on the device: [samples, labelled, correct, total, ce, kd, feat].
         sums = torch.zeros(7, device=device)
         first, skipped, seconds_before = 0, 0, 0.0
         if partial is not None:
-            order, first, skipped, seconds_before = partial["order"], partial["batches"], partial["skipped"], partial["seconds"]
+            order, first, skipped, seconds_before = (
+                partial["order"],
+                partial["batches"],
+                partial["skipped"],
+                partial["seconds"],
+            )
             batches.generator.set_state(order)
             if rank == 0:  # the saved sums are all ranks' together
                 sums = partial["sums"].to(device)
             partial = None
         start = time.perf_counter()
-        bar = tqdm(batches.epoch(first), desc=f"{spec.label} {epoch}/{spec.epochs}", leave=False, disable=not show_bar,
-                   file=sys.stderr, initial=first, total=steps_per_epoch)
+        bar = tqdm(
+            batches.epoch(first),
+            desc=f"{spec.label} {epoch}/{spec.epochs}",
+            leave=False,
+            disable=not show_bar,
+            file=sys.stderr,
+            initial=first,
+            total=steps_per_epoch,
+        )
         for i, (x, y, idx) in enumerate(bar, start=first):
             step = (epoch - 1) * steps_per_epoch + i + 1
             view = None
@@ -428,22 +478,29 @@ def fit(
                 with torch.no_grad():
                     labelled = y >= 0
                     n = torch.tensor(float(len(y)), device=device)
-                    sums += torch.stack([
-                        n,
-                        labelled.sum().float(),
-                        ((logits.argmax(1) == y) & labelled).sum().float(),
-                        loss.detach().float() * n,
-                        terms["ce"].detach() * n,
-                        terms.get("kd", torch.zeros((), device=device)).detach() * n,
-                        terms.get("feat", torch.zeros((), device=device)).detach() * n,
-                    ])
+                    sums += torch.stack(
+                        [
+                            n,
+                            labelled.sum().float(),
+                            ((logits.argmax(1) == y) & labelled).sum().float(),
+                            loss.detach().float() * n,
+                            terms["ce"].detach() * n,
+                            terms.get("kd", torch.zeros((), device=device)).detach() * n,
+                            terms.get("feat", torch.zeros((), device=device)).detach() * n,
+                        ]
+                    )
             if stop and i + 1 < steps_per_epoch:
                 bar.close()
                 where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
                 all_sums = distributed.all_reduce_sum(sums.clone()) if ddp else sums
                 if last_path is not None:
-                    done = {"batches": i + 1, "order": order, "sums": all_sums.cpu(), "skipped": skipped,
-                            "seconds": seconds_before + time.perf_counter() - start}
+                    done = {
+                        "batches": i + 1,
+                        "order": order,
+                        "sums": all_sums.cpu(),
+                        "skipped": skipped,
+                        "seconds": seconds_before + time.perf_counter() - start,
+                    }
                     save_checkpoint(state(epoch - 1, step, done), last_path)
                 raise Interrupted(STOP.signum, last_path, where)
         totals = (distributed.all_reduce_sum(sums) if ddp else sums).tolist()  # the one sync of the epoch
@@ -451,8 +508,10 @@ def fit(
         bar.close()
         if not _finite([*model.state_dict().values(), *adapter.state_dict().values()]):
             # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
-            raise UserError(f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
-                            f"{_keep_note(last_path)}; {_nan_hint(spec)}")
+            raise UserError(
+                f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
+                f"{_keep_note(last_path)}; {_nan_hint(spec)}"
+            )
         result = evaluate(model, val, device, amp_dtype, teacher_val_pred)
         if features is not None:
             features.clear()  # hooks keep nothing past a step: drop what the evaluation forwards captured
@@ -490,17 +549,37 @@ def fit(
         if spec.progress != "off":
             log.info(
                 "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
-                spec.label, epoch, spec.epochs, row["loss"], row["train_acc"], row["val_acc"], row["samples_per_sec"],
+                spec.label,
+                epoch,
+                spec.epochs,
+                row["loss"],
+                row["train_acc"],
+                row["val_acc"],
+                row["samples_per_sec"],
                 f"  ({skipped} non-finite steps skipped)" if skipped else "",
             )
         if _stop_requested(ddp, device) and epoch < spec.epochs:
             raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
-    return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "last_val_acc": history[-1]["val_acc"], "history": history}
+    return {
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "last_val_acc": history[-1]["val_acc"],
+        "history": history,
+    }
 
 
-def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, batches: DeviceBatches,
-             device: torch.device, spec: FitSpec, steps_per_epoch: int) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+def _restore(
+    resume: Resume,
+    model: nn.Module,
+    adapter: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    batches: DeviceBatches,
+    device: torch.device,
+    spec: FitSpec,
+    steps_per_epoch: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
     """Load a checkpoint's training state; return (history, best, mid-epoch state or None)."""
     s, path = resume.state, resume.path
     load_into(model, s["model"], "resume", path)
@@ -514,8 +593,10 @@ def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: to
         if scaler.is_enabled() and s["scaler"]:
             scaler.load_state_dict(s["scaler"])
     except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"resume {path}: its optimizer state does not fit this run ({str(e).splitlines()[0][:150]}); "
-                        "resume with the settings it was trained with") from None
+        raise UserError(
+            f"resume {path}: its optimizer state does not fit this run ({str(e).splitlines()[0][:150]}); "
+            "resume with the settings it was trained with"
+        ) from None
     scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
     lr = spec.lr * lr_factor(spec.scheduler, scheduler.last_epoch / steps_per_epoch, spec.epochs)
     for group, own in zip(optimizer.param_groups, recipe):
@@ -523,19 +604,28 @@ def _restore(resume: Resume, model: nn.Module, adapter: nn.Module, optimizer: to
     _set_rng_state(s["rng"], batches, device)
     history = [dict(row) for row in s["history"]]
     if len(history) != int(s["epoch"]):
-        raise UserError(f"resume {path} is inconsistent (epoch {s['epoch']} but {len(history)} metrics rows); use another checkpoint")
+        raise UserError(
+            f"resume {path} is inconsistent (epoch {s['epoch']} but {len(history)} metrics rows); use another "
+            "checkpoint"
+        )
     best = {"val_acc": float(s.get("best_val_acc", -1.0)), "epoch": int(s.get("best_epoch", 0))}
     partial = s.get("partial")
     saved_world = int(s.get("world_size", 1))
     if partial is not None and saved_world != batches.world:
         # Another number of ranks means other global batches: replay the interrupted epoch from its
         # start, in the same order (at most that epoch's progress is recomputed).
-        log.info("resume: saved by %d rank(s), continuing on %d: epoch %d restarts from its first step",
-                 saved_world, batches.world, len(history) + 1)
+        log.info(
+            "resume: saved by %d rank(s), continuing on %d: epoch %d restarts from its first step",
+            saved_world,
+            batches.world,
+            len(history) + 1,
+        )
         partial = {"batches": 0, "order": partial["order"], "sums": torch.zeros(7), "skipped": 0, "seconds": 0.0}
     if partial is not None and partial["batches"] >= steps_per_epoch:
-        raise UserError(f"resume {path} stopped at step {partial['batches']} of an epoch of {steps_per_epoch} steps; "
-                        "resume with the batch_size and data it was trained with")
+        raise UserError(
+            f"resume {path} stopped at step {partial['batches']} of an epoch of {steps_per_epoch} steps; "
+            "resume with the batch_size and data it was trained with"
+        )
     return history, best, partial
 
 
@@ -579,11 +669,15 @@ def _nan_hint(spec: FitSpec) -> str:
     return f"lower {lr} (now {spec.lr:g}) or set nan_policy=skip{again}"
 
 
-def _stop_non_finite(spec: FitSpec, terms: dict[str, Tensor], epoch: int, batch: int, steps_per_epoch: int,
-                     last_path: Path | None) -> None:
+def _stop_non_finite(
+    spec: FitSpec, terms: dict[str, Tensor], epoch: int, batch: int, steps_per_epoch: int, last_path: Path | None
+) -> None:
     """nan_policy=stop: raise naming the step and the term. last.pt is left as it is: it holds the end
     of the previous epoch, whose weights were checked finite before it was written."""
-    bad = ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items() if not bool(torch.isfinite(t))) or "the total"
+    bad = (
+        ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items() if not bool(torch.isfinite(t)))
+        or "the total"
+    )
     raise UserError(
         f"{spec.label}: the loss went non-finite at epoch {epoch}, step {batch}/{steps_per_epoch} ({bad}); "
         f"{_keep_note(last_path)}; {_nan_hint(spec)}"

@@ -48,8 +48,9 @@ def expected_calibration_error(probs: Tensor, y: Tensor, bins: int = ECE_BINS) -
     return float(ece)
 
 
-def metrics(logits: Tensor, y: Tensor, num_classes: int, reference: Tensor | None = None,
-            names: list[str] | None = None) -> dict[str, Any]:
+def metrics(
+    logits: Tensor, y: Tensor, num_classes: int, reference: Tensor | None = None, names: list[str] | None = None
+) -> dict[str, Any]:
     """Classification metrics of `logits` (N, C) against labels `y` (N,); `reference`: another model's top-1."""
     probs = logits.float().softmax(1)
     pred = probs.argmax(1)
@@ -61,12 +62,14 @@ def metrics(logits: Tensor, y: Tensor, num_classes: int, reference: Tensor | Non
     per_class = []
     for c in range(num_classes):
         support = int((y == c).sum())
-        per_class.append({
-            "class": c,
-            "name": names[c] if names and c < len(names) else None,
-            "support": support,
-            "acc": correct[y == c].float().mean().item() if support else None,
-        })
+        per_class.append(
+            {
+                "class": c,
+                "name": names[c] if names and c < len(names) else None,
+                "support": support,
+                "acc": correct[y == c].float().mean().item() if support else None,
+            }
+        )
     return {
         "samples": len(y),
         "top1": correct.float().mean().item(),
@@ -106,8 +109,15 @@ def plot_confusion(confusion: list[list[int]], names: list[str] | None, title: s
             for i in range(n):
                 for j in range(n):
                     if counts[i, j]:
-                        ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
-                                color="white" if rows[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            int(counts[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="white" if rows[i, j] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -128,7 +138,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table = Table(title=f"kdtrain-eval: {report['role']} ({report['model']}) on {report['dataset']} {report['split']}")
     for col in ("samples", "top-1", f"top-{m['top5_k']}", "ECE", "NLL", "agreement"):
         table.add_column(col, justify="right")
-    table.add_row(f"{m['samples']:,}", _pct(m["top1"]), _pct(m["top5"]), f"{m['ece']:.4f}", f"{m['nll']:.4f}", _pct(m["agreement"]))
+    table.add_row(
+        f"{m['samples']:,}",
+        _pct(m["top1"]),
+        _pct(m["top5"]),
+        f"{m['ece']:.4f}",
+        f"{m['nll']:.4f}",
+        _pct(m["agreement"]),
+    )
     console.print(table)
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class")
@@ -161,15 +178,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=TOOL,
         description="Evaluate a finished kdtrain run's student (or its teacher) on the run's dataset.",
         epilog="Examples: kdtrain-eval outputs/runs/DAY/TIME; kdtrain-eval RUN --checkpoint best --split train; "
-               "kdtrain-eval RUN dataset.root=/data/cifar",
+        "kdtrain-eval RUN dataset.root=/data/cifar",
     )
     p.add_argument("run_dir", help="the run dir that kdtrain wrote (its hydra.run.dir)")
     p.add_argument("overrides", nargs="*", help="dataset.KEY=VALUE overrides of the run's dataset config")
-    p.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
-                   help="student weights: best or last checkpoint, or a .pt/.safetensors file (default: student.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="best|last|PATH",
+        help="student weights: best or last checkpoint, or a .pt/.safetensors file (default: student.safetensors)",
+    )
     p.add_argument("--teacher", action="store_true", help="evaluate the teacher this run distilled from instead")
-    p.add_argument("--split", choices=("val", "train"), default="val",
-                   help="val, or train: the labelled samples of the student's training set")
+    p.add_argument(
+        "--split",
+        choices=("val", "train"),
+        default="val",
+        help="val, or train: the labelled samples of the student's training set",
+    )
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     args = p.parse_intermixed_args(argv)
@@ -185,28 +210,44 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     data = splits.val
     if args.split == "train":
         data = splits.train.subset(splits.train.y >= 0)
-        note(TOOL, f"train: the {len(data)} labelled samples of the student's training set "
-                   "(dataset.labelled_per_class=null evaluates on every training sample)")
+        note(
+            TOOL,
+            f"train: the {len(data)} labelled samples of the student's training set "
+            "(dataset.labelled_per_class=null evaluates on every training sample)",
+        )
     if len(data) == 0:
         raise UserError(f"the {args.split} split has no labelled samples to evaluate on")
     student = load_student(run, args.checkpoint, splits, dataset)
     if student.num_classes != splits.num_classes or tuple(student.in_shape) != tuple(splits.in_shape):
-        raise UserError(f"the dataset now has {splits.num_classes} classes of shape {tuple(splits.in_shape)} but the student "
-                        f"was trained on {student.num_classes} of shape {tuple(student.in_shape)}; drop the dataset overrides")
+        raise UserError(
+            f"the dataset now has {splits.num_classes} classes of shape {tuple(splits.in_shape)} but the student "
+            f"was trained on {student.num_classes} of shape {tuple(student.in_shape)}; drop the dataset overrides"
+        )
     if [round(v, 6) for v in splits.mean] != [round(v, 6) for v in student.mean]:
-        note(TOOL, f"the dataset's normalisation (mean {splits.mean}) differs from the student's training data "
-                   f"(mean {student.mean}); accuracy may suffer")
+        note(
+            TOOL,
+            f"the dataset's normalisation (mean {splits.mean}) differs from the student's training data "
+            f"(mean {student.mean}); accuracy may suffer",
+        )
     teacher = load_teacher(run, student.num_classes, student.in_shape)
     if args.teacher and teacher is None:
-        raise UserError(f"the teacher of {run.path} is gone (its store folder or checkpoint no longer exists); "
-                        "retrain it with the same config, or evaluate the student")
+        raise UserError(
+            f"the teacher of {run.path} is gone (its store folder or checkpoint no longer exists); "
+            "retrain it with the same config, or evaluate the student"
+        )
     if teacher is None:
         note(TOOL, "the run's teacher weights are not available, so no teacher-student agreement")
 
     student_logits = logits_of(student.model, data.x, device)
     teacher_logits = logits_of(teacher[0], data.x, device) if teacher is not None else None
     if args.teacher:
-        logits, other, role, name, weights = teacher_logits, student_logits, "teacher", str(run.cfg.teacher.name), teacher[1]
+        logits, other, role, name, weights = (
+            teacher_logits,
+            student_logits,
+            "teacher",
+            str(run.cfg.teacher.name),
+            teacher[1],
+        )
     else:
         logits, other, role, name, weights = student_logits, teacher_logits, "student", student.name, student.weights
     reference = None if other is None else other.argmax(1)

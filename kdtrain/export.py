@@ -86,8 +86,16 @@ def _onnx_export(model: nn.Module, example: Tensor, tmp: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             # The TorchScript-based exporter is fast and needs no onnxscript; torch 2.9+ deprecates it.
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=17,
+            )
         except (TypeError, RuntimeError, AttributeError, NotImplementedError):
             # Legacy exporter gone or unable: the torch.export-based one (needs onnxscript).
             try:
@@ -97,15 +105,24 @@ def _onnx_export(model: nn.Module, example: Tensor, tmp: Path) -> None:
             batch = torch.export.Dim("batch", min=1)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # it narrates each step on stdout
-                    torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=[INPUT],
-                                      output_names=[OUTPUT], dynamic_shapes=({0: batch},), external_data=False)
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(tmp),
+                        dynamo=True,
+                        input_names=[INPUT],
+                        output_names=[OUTPUT],
+                        dynamic_shapes=({0: batch},),
+                        external_data=False,
+                    )
             except Exception as e:  # the model uses something torch.export cannot capture
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise UserError(f"the student cannot be exported to ONNX ({first}); use --format torchscript") from None
 
 
-def export(run_dir: str, formats: list[str], out: Path | None, checkpoint: str | None, overrides: list[str],
-           atol: float = ATOL) -> dict[str, Any]:
+def export(
+    run_dir: str, formats: list[str], out: Path | None, checkpoint: str | None, overrides: list[str], atol: float = ATOL
+) -> dict[str, Any]:
     """Export the run's student in `formats` into `out`; returns the model.json record."""
     run = open_run(run_dir)
     if "onnx" in formats:
@@ -113,8 +130,10 @@ def export(run_dir: str, formats: list[str], out: Path | None, checkpoint: str |
     splits, dataset = build_splits(run, overrides)
     student = load_student(run, checkpoint, splits, dataset)
     if tuple(splits.in_shape) != tuple(student.in_shape):
-        raise UserError(f"the dataset's inputs have shape {tuple(splits.in_shape)} but the student takes "
-                        f"{tuple(student.in_shape)}; drop the dataset overrides")
+        raise UserError(
+            f"the dataset's inputs have shape {tuple(splits.in_shape)} but the student takes "
+            f"{tuple(student.in_shape)}; drop the dataset overrides"
+        )
     out = Path(out) if out is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     model = student.model.cpu().eval()
@@ -122,28 +141,46 @@ def export(run_dir: str, formats: list[str], out: Path | None, checkpoint: str |
     files: dict[str, Any] = {}
     for fmt in formats:
         path = out / FILES[fmt]
-        runner = export_torchscript(model, batches[0], path) if fmt == "torchscript" else export_onnx(model, batches[0], path)
+        runner = (
+            export_torchscript(model, batches[0], path)
+            if fmt == "torchscript"
+            else export_onnx(model, batches[0], path)
+        )
         diff = max_abs_diff(runner, model, batches)
         if not diff <= atol:  # also catches NaN
-            raise UserError(f"the {fmt} export {path} does not reproduce the PyTorch student (max abs diff {diff:.3g} > "
-                            f"{atol:g}); it is left for inspection, but do not deploy it")
-        files[fmt] = {"file": path.name, "parity_max_abs_diff": diff, "parity_atol": atol,
-                      "parity_batches": [len(b) for b in batches]}
+            raise UserError(
+                f"the {fmt} export {path} does not reproduce the PyTorch student (max abs diff {diff:.3g} > "
+                f"{atol:g}); it is left for inspection, but do not deploy it"
+            )
+        files[fmt] = {
+            "file": path.name,
+            "parity_max_abs_diff": diff,
+            "parity_atol": atol,
+            "parity_batches": [len(b) for b in batches],
+        }
     c, h, w = student.in_shape
     record = {
         "format_version": 1,
         "producer": f"kdtrain {getattr(kdtrain, '__version__', '')}".strip(),
         "files": files,
         "input": {"name": INPUT, "shape": ["batch", c, h, w], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": OUTPUT, "shape": ["batch", student.num_classes], "dtype": "float32",
-                   "meaning": "unnormalised class scores; softmax gives probabilities, argmax the class id"},
+        "output": {
+            "name": OUTPUT,
+            "shape": ["batch", student.num_classes],
+            "dtype": "float32",
+            "meaning": "unnormalised class scores; softmax gives probabilities, argmax the class id",
+        },
         "in_shape": [c, h, w],
         "num_classes": student.num_classes,
         "class_names": student.class_names,
         "mean": student.mean,
         "std": student.std,
         "preprocessing": preprocessing_spec(student.in_shape, student.mean, student.std),
-        "student": {"name": student.name, "config": OmegaConf.to_container(run.cfg.student, resolve=True), "weights": str(student.weights)},
+        "student": {
+            "name": student.name,
+            "config": OmegaConf.to_container(run.cfg.student, resolve=True),
+            "weights": str(student.weights),
+        },
         "dataset": str(run.cfg.dataset.name),
         "run_dir": str(run.path),
     }
@@ -152,14 +189,29 @@ def export(run_dir: str, formats: list[str], out: Path | None, checkpoint: str |
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=TOOL, description="Export a finished kdtrain run's student to TorchScript and/or ONNX.")
+    p = argparse.ArgumentParser(
+        prog=TOOL, description="Export a finished kdtrain run's student to TorchScript and/or ONNX."
+    )
     p.add_argument("run_dir", help="the run dir that kdtrain wrote (its hydra.run.dir)")
-    p.add_argument("overrides", nargs="*", help="dataset.KEY=VALUE overrides of the run's dataset (for the parity batch)")
-    p.add_argument("--format", choices=(*FORMATS, "all"), default="torchscript", help="what to write (default: torchscript)")
+    p.add_argument(
+        "overrides", nargs="*", help="dataset.KEY=VALUE overrides of the run's dataset (for the parity batch)"
+    )
+    p.add_argument(
+        "--format", choices=(*FORMATS, "all"), default="torchscript", help="what to write (default: torchscript)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
-    p.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
-                   help="student weights: best or last checkpoint, or a .pt/.safetensors file (default: student.safetensors)")
-    p.add_argument("--atol", type=float, default=ATOL, help=f"largest logit difference accepted by the parity check (default {ATOL:g})")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="best|last|PATH",
+        help="student weights: best or last checkpoint, or a .pt/.safetensors file (default: student.safetensors)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=ATOL,
+        help=f"largest logit difference accepted by the parity check (default {ATOL:g})",
+    )
     return p.parse_intermixed_args(argv)
 
 
@@ -171,8 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     record = export(args.run_dir, formats, args.out, args.checkpoint, args.overrides, args.atol)
     out = Path(args.out) if args.out is not None else Path(args.run_dir).expanduser() / "export"
     for fmt, info in record["files"].items():
-        print(f"{fmt}: {out / info['file']} (parity on real batches of {info['parity_batches']}: "
-              f"max abs diff {info['parity_max_abs_diff']:.2e} <= {info['parity_atol']:g})")
+        print(
+            f"{fmt}: {out / info['file']} (parity on real batches of {info['parity_batches']}: "
+            f"max abs diff {info['parity_max_abs_diff']:.2e} <= {info['parity_atol']:g})"
+        )
     print(f"sidecar: {out / 'model.json'} (input {record['input']['shape']}, {record['num_classes']} classes)")
 
 

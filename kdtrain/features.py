@@ -19,8 +19,9 @@ map, flattened and L2-normalised, compared by mean squared error; it needs no ad
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,9 @@ def parse_pairs(feature: Any) -> list[Pair]:
     out = []
     for i, p in enumerate(pairs):
         if not hasattr(p, "get") or p.get("student") is None or p.get("teacher") is None:
-            raise UserError(f"feature.pairs[{i}] needs student and teacher module paths, e.g. {{student: layer3, teacher: layer3}}")
+            raise UserError(
+                f"feature.pairs[{i}] needs student and teacher module paths, e.g. {{student: layer3, teacher: layer3}}"
+            )
         weight = float(p.get("weight", 1.0))
         if weight < 0:
             raise UserError(f"feature.pairs[{i}].weight={weight} is out of range: it must be >= 0")
@@ -85,7 +88,8 @@ def _module(model: nn.Module, path: str, role: str) -> tuple[nn.Module, bool]:
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise UserError(
             f"feature.{role}={path} is not a module of the {role} model{hint}; "
-            f"list its module paths with kdtrain-inspect{' --teacher' if role == 'teacher' else ''} (or model.named_modules())"
+            f"list its module paths with kdtrain-inspect{' --teacher' if role == 'teacher' else ''} (or "
+            "model.named_modules())"
         )
     return model.get_submodule(path), False
 
@@ -149,7 +153,9 @@ class Adapter(nn.Module):
         self.proj: nn.Module = nn.Identity()
         if self.kind == "at":
             if not (_is_map(s_shape) and _is_map(t_shape)):
-                raise UserError("feature.loss=at compares feature maps: choose conv layers (4-D outputs) for both models")
+                raise UserError(
+                    "feature.loss=at compares feature maps: choose conv layers (4-D outputs) for both models"
+                )
             self.size = _target_size(s_shape, t_shape, align)
         elif self.kind == "map":
             if s_shape[1] != t_shape[1]:
@@ -210,8 +216,16 @@ class FeatureDistiller(nn.Module):
     student, and left out of the exported student weights.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[Pair], in_shape: tuple[int, ...],
-                 device: torch.device, loss: str = "mse", align: str = "pool"):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: list[Pair],
+        in_shape: tuple[int, ...],
+        device: torch.device,
+        loss: str = "mse",
+        align: str = "pool",
+    ):
         super().__init__()
         if loss not in LOSSES:
             raise UserError(f"feature.loss={loss} is not accepted: use one of {', '.join(LOSSES)}")
@@ -229,8 +243,10 @@ class FeatureDistiller(nn.Module):
     def describe(self) -> list[str]:
         out = []
         for p, (s, t), a in zip(self.pairs, self.shapes, self.adapters):
-            out.append(f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
-                       f"({self.loss_name}, weight {p.weight:g})")
+            out.append(
+                f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
+                f"({self.loss_name}, weight {p.weight:g})"
+            )
         return out
 
     def compute(self, teacher_feats: list[Tensor] | None = None) -> Tensor:
@@ -263,4 +279,3 @@ def _probe(model: nn.Module, capture: Capture, in_shape: tuple[int, ...], device
         return [v.shape for v in capture.pop()]
     finally:
         model.train(was_training)
-

@@ -50,6 +50,7 @@ def layer_rows(model: nn.Module, in_shape: tuple[int, int, int]) -> list[tuple[s
     outputs: dict[str, list[str]] = {}
     handles = []
     for name, module in model.named_modules():
+
         def hook(m: nn.Module, args: Any, out: Any, name: str = name) -> None:
             outputs.setdefault(name, []).append(_shape(out))
 
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         flags = [a for a in args if a.startswith("-")]
         if flags:
-            raise UserError(f"{flags[0]} is not an option of kdtrain-inspect; the first argument may be --teacher or --student, the rest are kdtrain overrides")
+            raise UserError(
+                f"{flags[0]} is not an option of kdtrain-inspect; the first argument may be --teacher or "
+                "--student, the rest are kdtrain overrides"
+            )
         overrides = [o for o in _normalise(args) if not o.lstrip("+~").startswith("hydra")]
         check_command_line(overrides)
         with hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):

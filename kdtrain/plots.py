@@ -52,7 +52,9 @@ def plot_run(run_dir: Path, summary: dict[str, Any] | None = None) -> Path | Non
     acc.plot(epochs, [r["val_acc"] for r in rows], marker="o", label=f"student ({mode})")
     base = _rows(run_dir / "baseline" / "metrics.jsonl")
     if base:
-        acc.plot([r["epoch"] for r in base], [r["val_acc"] for r in base], marker="s", label="student alone (mode=none)")
+        acc.plot(
+            [r["epoch"] for r in base], [r["val_acc"] for r in base], marker="s", label="student alone (mode=none)"
+        )
     teacher = (summary or {}).get("teacher") or {}
     if teacher.get("val_acc") is not None:
         acc.axhline(teacher["val_acc"], color="black", linestyle="--", label=f"teacher ({teacher.get('name', '')})")
@@ -87,9 +89,12 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, teacher_acc: float | N
     """
     ok = [r for r in rows if r["n"] > 0]
     keys = sorted({k for r in ok for k in r["params"]})
-    numeric = [k for k in keys
-               if len({r["params"].get(k) for r in ok}) > 1
-               and all(_number(r["params"][k]) is not None for r in ok if k in r["params"])]
+    numeric = [
+        k
+        for k in keys
+        if len({r["params"].get(k) for r in ok}) > 1
+        and all(_number(r["params"][k]) is not None for r in ok if k in r["params"])
+    ]
     varying = {k for k in keys if len({r["params"].get(k) for r in ok}) > 1}
     written: list[Path] = []
     for key in numeric:
@@ -106,8 +111,14 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, teacher_acc: float | N
         for others, members in sorted(lines.items()):
             members.sort(key=lambda r: _number(r["params"][key]))
             label = " ".join(f"{k}={v}" for k, v in others) or "all runs"
-            ax.errorbar([_number(r["params"][key]) for r in members], [r["best_mean"] for r in members],
-                        yerr=[r["best_std"] or 0.0 for r in members], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [_number(r["params"][key]) for r in members],
+                [r["best_mean"] for r in members],
+                yerr=[r["best_std"] or 0.0 for r in members],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         if teacher_acc is not None:
             ax.axhline(teacher_acc, color="black", linestyle="--", label="teacher")
         ax.set(xlabel=key, ylabel="best val accuracy (mean ± std over seeds)", title=f"accuracy against {key}")

@@ -38,9 +38,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 SIDECAR = "model.json"
 
 
-def preprocessing_spec(in_shape: tuple[int, int, int] | list[int], mean: list[float], std: list[float]) -> dict[str, Any]:
+def preprocessing_spec(
+    in_shape: tuple[int, int, int] | list[int], mean: list[float], std: list[float]
+) -> dict[str, Any]:
     """How an image file becomes the model's input; recorded in model.json so it can be redone without kdtrain."""
     c, h, w = (int(v) for v in in_shape)
+    colour = {1: "grayscale (PIL mode L)", 3: "RGB"}.get(c, f"{c} channels")
     color = {1: "L", 3: "RGB"}.get(c)
     return {
         "color": color,  # PIL mode: L (grayscale) for 1 channel, RGB for 3
@@ -51,9 +54,11 @@ def preprocessing_spec(in_shape: tuple[int, int, int] | list[int], mean: list[fl
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "steps": [
-            f"decode the image and convert it to {'grayscale (PIL mode L)' if c == 1 else 'RGB' if c == 3 else f'{c} channels'}",
-            (f"if its size is not {w} x {h} (width x height): resize it, keeping its aspect ratio, so that it covers "
-             f"{w} x {h} (bilinear), then crop the centre {w} x {h}"),
+            f"decode the image and convert it to {colour}",
+            (
+                f"if its size is not {w} x {h} (width x height): resize it, keeping its aspect ratio, so that "
+                f"it covers {w} x {h} (bilinear), then crop the centre {w} x {h}"
+            ),
             "scale 8-bit pixel values to [0, 1] (divide by 255)",
             "normalise each channel: (x - mean[c]) / std[c]",
             f"stack as float32 of shape (batch, {c}, {h}, {w})",
@@ -102,8 +107,10 @@ def _sidecar(model: Path) -> dict[str, Any]:
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; re-export the model with kdtrain-export")
             return meta
-    raise UserError(f"{model} needs its {SIDECAR} (input shape, normalisation) beside it; copy it from the "
-                    "kdtrain-export folder or re-export")
+    raise UserError(
+        f"{model} needs its {SIDECAR} (input shape, normalisation) beside it; copy it from the "
+        "kdtrain-export folder or re-export"
+    )
 
 
 def _torch_predictor(student: Any, device: torch.device, description: str) -> Predictor:
@@ -123,7 +130,8 @@ def _from_sidecar(meta: dict[str, Any], logits: Callable[[Tensor], Any], descrip
 
 
 def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive holds its program under code/; a checkpoint holds only data.pkl (read as a zip, no unpickling)."""
+    """A TorchScript archive holds its program under code/; a checkpoint holds only data.pkl (read as a zip, "
+    "no unpickling)."""
     try:
         with zipfile.ZipFile(path) as z:
             return any("/code/" in name or name.startswith("code/") for name in z.namelist())
@@ -140,8 +148,10 @@ def load_predictor(model: str | Path, device: torch.device) -> Predictor:
         for name in ("model.pt", "model.onnx"):
             if (path / name).is_file() and (path / SIDECAR).is_file():
                 return load_predictor(path / name, device)
-        raise UserError(f"{path} is neither a kdtrain run dir nor a kdtrain-export folder; give one of those, "
-                        "a student .safetensors, a .pt or an .onnx file")
+        raise UserError(
+            f"{path} is neither a kdtrain run dir nor a kdtrain-export folder; give one of those, "
+            "a student .safetensors, a .pt or an .onnx file"
+        )
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a run dir, a student .safetensors, or an exported .pt/.onnx")
     suffix = path.suffix.lower()
@@ -156,21 +166,27 @@ def load_predictor(model: str | Path, device: torch.device) -> Predictor:
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise UserError(f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export it") from None
+            raise UserError(
+                f"{path} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export it"
+            ) from None
         name = session.get_inputs()[0].name
         return _from_sidecar(meta, lambda x: session.run(None, {name: x.numpy()})[0], f"ONNX {path}")
     if suffix in (".pt", ".pth", ".ts"):
         if not _is_torchscript(path):
-            raise UserError(f"{path} is not a TorchScript export (a training checkpoint, or corrupt); give the run dir, or "
-                            "export the student with kdtrain-export and give its model.pt")
+            raise UserError(
+                f"{path} is not a TorchScript export (a training checkpoint, or corrupt); give the run dir, or "
+                "export the student with kdtrain-export and give its model.pt"
+            )
         meta = _sidecar(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still loads
                 module = torch.jit.load(str(path), map_location=device)
         except Exception as e:  # not a TorchScript archive (e.g. a training checkpoint), or corrupt
-            raise UserError(f"{path} is not a TorchScript model ({str(e).strip().splitlines()[0][:160]}); "
-                            "give the model.pt that kdtrain-export wrote, or the run dir") from None
+            raise UserError(
+                f"{path} is not a TorchScript model ({str(e).strip().splitlines()[0][:160]}); "
+                "give the model.pt that kdtrain-export wrote, or the run dir"
+            ) from None
         module.eval()
 
         @torch.no_grad()
@@ -195,14 +211,19 @@ def predict_folder(predictor: Predictor, folder: Path, out: Path, batch_size: in
     from tqdm import tqdm
 
     if predictor.spec.get("color") not in ("L", "RGB"):
-        raise UserError(f"the model takes {predictor.spec.get('color')} images; kdtrain-predict reads 1- or 3-channel images only")
+        raise UserError(
+            f"the model takes {predictor.spec.get('color')} images; kdtrain-predict reads 1- or 3-channel images only"
+        )
     images = find_images(folder)
     skipped: list[Path] = []
     rows = 0
     names = predictor.class_names
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f, tqdm(total=len(images), unit="img", desc=TOOL, file=sys.stderr, disable=None) as bar:
+    with (
+        open(tmp, "w", newline="") as f,
+        tqdm(total=len(images), unit="img", desc=TOOL, file=sys.stderr, disable=None) as bar,
+    ):
         writer = csv.writer(f)
         writer.writerow(["path", "pred", "prob"] + (["class"] if names else []))
         for start in range(0, len(images), batch_size):
@@ -213,7 +234,9 @@ def predict_folder(predictor: Predictor, folder: Path, out: Path, batch_size: in
                     paths.append(p)
                 except Exception as e:  # unreadable, truncated or not really an image: skip it, say so
                     skipped.append(p)
-                    tqdm.write(f"{TOOL}: warning: skipped {p}: cannot read it as an image ({str(e)[:120]})", file=sys.stderr)
+                    tqdm.write(
+                        f"{TOOL}: warning: skipped {p}: cannot read it as an image ({str(e)[:120]})", file=sys.stderr
+                    )
             bar.update(len(paths) + len(images[start : start + batch_size]) - len(paths))
             if not tensors:
                 continue
@@ -224,14 +247,18 @@ def predict_folder(predictor: Predictor, folder: Path, out: Path, batch_size: in
                 rows += 1
     if rows == 0:
         tmp.unlink()
-        raise UserError(f"none of the {len(images)} images in {folder} could be read; check that they are valid image files")
+        raise UserError(
+            f"none of the {len(images)} images in {folder} could be read; check that they are valid image files"
+        )
     tmp.replace(out)
     return rows, skipped
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=TOOL, description="Classify a folder of images with a kdtrain student.")
-    p.add_argument("model", help="run dir, student .safetensors, exported model.pt or model.onnx (with model.json beside it)")
+    p.add_argument(
+        "model", help="run dir, student .safetensors, exported model.pt or model.onnx (with model.json beside it)"
+    )
     p.add_argument("folder", type=Path, help="folder of images, searched recursively")
     p.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write (default: preds.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")

@@ -14,8 +14,20 @@ from rich.table import Table
 from kdtrain.checkpoint import atomic_write
 
 # Columns of metrics.jsonl / metrics.csv, in order (a public interface: extend, never rename).
-COLUMNS = ["epoch", "loss", "ce", "kd", "feat", "lr", "train_acc", "val_acc", "agreement", "samples_per_sec", "epoch_seconds",
-           "skipped_steps"]
+COLUMNS = [
+    "epoch",
+    "loss",
+    "ce",
+    "kd",
+    "feat",
+    "lr",
+    "train_acc",
+    "val_acc",
+    "agreement",
+    "samples_per_sec",
+    "epoch_seconds",
+    "skipped_steps",
+]
 
 
 class MetricsWriter:
@@ -101,10 +113,20 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
         table.add_column(col, justify="left" if col == "model" else "right")
     table.add_row(f"teacher ({t['name']})", f"{t['params']:,}", _pct(t["val_acc"]), _pct(t["val_acc"]), "1.00x params")
     if b is not None:
-        table.add_row("student alone (mode=none)", f"{s['params']:,}", _pct(b["best_val_acc"]), _pct(b["last_val_acc"]),
-                      f"{s['params'] / t['params']:.3f}x params")
-    table.add_row(f"student ({summary['mode']})", f"{s['params']:,}", _pct(s["best_val_acc"]), _pct(s["last_val_acc"]),
-                  f"{s['params'] / t['params']:.3f}x params")
+        table.add_row(
+            "student alone (mode=none)",
+            f"{s['params']:,}",
+            _pct(b["best_val_acc"]),
+            _pct(b["last_val_acc"]),
+            f"{s['params'] / t['params']:.3f}x params",
+        )
+    table.add_row(
+        f"student ({summary['mode']})",
+        f"{s['params']:,}",
+        _pct(s["best_val_acc"]),
+        _pct(s["last_val_acc"]),
+        f"{s['params'] / t['params']:.3f}x params",
+    )
     console.print(table)
     if b is not None:
         gain = 100 * (s["best_val_acc"] - b["best_val_acc"])
@@ -121,7 +143,8 @@ def print_compression(report: dict[str, Any], console: Console | None = None) ->
     r = report["ratios"]
     (console or Console()).print(
         f"Compression (teacher / student): {_times(r['params'])} params, {_times(r['flops'])} FLOPs, "
-        f"{_times(r['latency_batch_1'])} CPU latency at batch 1, {_times(r['latency_batch_64'])} at batch 64 (1 thread)."
+        f"{_times(r['latency_batch_1'])} CPU latency at batch 1, {_times(r['latency_batch_64'])} at batch 64 (1 "
+        "thread)."
     )
 
 
@@ -139,11 +162,11 @@ def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: An
         summary["compression"] = compression_report(teacher, student, in_shape, device)
         write_summary(summary, Path(run_dir) / "summary.json")
         print_compression(summary["compression"])
-    except Exception as e:  # noqa: BLE001 - a report must not lose a finished run
+    except Exception as e:
         log.warning("compression report failed (%s: %s); summary.json has no 'compression'", type(e).__name__, e)
     try:
         from kdtrain.plots import plot_run
 
         plot_run(Path(run_dir), summary)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log.warning("curves.png failed (%s: %s)", type(e).__name__, e)

@@ -57,16 +57,30 @@ def seed_everything(seed: int) -> None:
 
 
 def _student(cfg: DictConfig, splits: Splits, device: torch.device) -> torch.nn.Module:
-    model = build_model(OmegaConf.to_container(cfg.student, resolve=True), splits.num_classes, splits.in_shape, "student")
+    model = build_model(
+        OmegaConf.to_container(cfg.student, resolve=True), splits.num_classes, splits.in_shape, "student"
+    )
     return model.to(device)
 
 
-def _spec(cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir: Path | None, extra: dict[str, Any]) -> FitSpec:
+def _spec(
+    cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir: Path | None, extra: dict[str, Any]
+) -> FitSpec:
     return FitSpec(
-        epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr), seed=int(cfg.seed),
-        optimizer=cfg.optimizer, scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature),
-        label=label, progress=cfg.progress.value, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra,
-        nan_policy=cfg.nan_policy.value, hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
+        epochs=int(cfg.epochs),
+        batch_size=int(cfg.batch_size),
+        lr=float(cfg.lr),
+        seed=int(cfg.seed),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        weights=weights,
+        temperature=float(cfg.temperature),
+        label=label,
+        progress=cfg.progress.value,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_extra=extra,
+        nan_policy=cfg.nan_policy.value,
+        hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
         compile=bool(cfg.compile),
     )
 
@@ -111,9 +125,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.info("%s=%s is not used: mode=%s switches the %s term off", key, cfg[key], cfg.mode.value, term)
     splits = build_dataset(cfg.dataset)
     if cfg.batch_size > len(splits.train):
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.train)} samples); lower it")
-    log.info("data: %s, %d training samples (%d labelled), %d validation, %d classes, input %s",
-             cfg.dataset.name, len(splits.train), int((splits.train.y >= 0).sum()), len(splits.val), splits.num_classes, splits.in_shape)
+        raise UserError(
+            f"batch_size={cfg.batch_size} is larger than the training set ({len(splits.train)} samples); lower it"
+        )
+    log.info(
+        "data: %s, %d training samples (%d labelled), %d validation, %d classes, input %s",
+        cfg.dataset.name,
+        len(splits.train),
+        int((splits.train.y >= 0).sum()),
+        len(splits.val),
+        splits.num_classes,
+        splits.in_shape,
+    )
     if weights["feat"] > 0:
         _check_feature_layers(cfg, splits)  # before the teacher trains, which can take long
 
@@ -123,7 +146,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     with distributed.rank0_first():
         teacher, teacher_info = get_teacher(cfg, splits, device, amp_dtype)
     teacher_pred = predict(teacher, splits.val, device, amp_dtype)
-    log.info("teacher: %s, %d params, val_acc %.4f", teacher_info["name"], teacher_info["params"], teacher_info["val_acc"])
+    log.info(
+        "teacher: %s, %d params, val_acc %.4f", teacher_info["name"], teacher_info["params"], teacher_info["val_acc"]
+    )
 
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
@@ -131,14 +156,29 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         if device.type == "cuda":
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         else:  # PyTorch's SyncBatchNorm runs on GPUs only
-            log.warning("sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type)
+            log.warning(
+                "sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type
+            )
     features = None
     if weights["feat"] > 0:
-        features = FeatureDistiller(student, teacher, parse_pairs(cfg.feature), splits.in_shape, device,
-                                    loss=cfg.feature.loss, align=cfg.feature.align).to(device)
+        features = FeatureDistiller(
+            student,
+            teacher,
+            parse_pairs(cfg.feature),
+            splits.in_shape,
+            device,
+            loss=cfg.feature.loss,
+            align=cfg.feature.align,
+        ).to(device)
         for line in features.describe():
             log.info("feature: %s", line)
-    log.info("loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g", weights["ce"], weights["kd"], cfg.temperature, weights["feat"])
+    log.info(
+        "loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g",
+        weights["ce"],
+        weights["kd"],
+        cfg.temperature,
+        weights["feat"],
+    )
 
     with distributed.rank0_first():
         cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
@@ -147,19 +187,35 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     main = distributed.is_main()  # only rank 0 writes files
     on_epoch = _epoch_sink(cfg, run_dir, "student", resume.state["history"] if resume else None) if main else None
     result = fit(
-        student, splits.train, splits.val, _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
-        device, amp_dtype, teacher=teacher, features=features, teacher_val_pred=teacher_pred,
-        on_epoch=on_epoch, augment=splits.augment, resume=resume,
+        student,
+        splits.train,
+        splits.val,
+        _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
+        device,
+        amp_dtype,
+        teacher=teacher,
+        features=features,
+        teacher_val_pred=teacher_pred,
+        on_epoch=on_epoch,
+        augment=splits.augment,
+        resume=resume,
         teacher_cache=cache,
     )
     if features is not None:
         features.remove()
     if not main:
         if cfg.baseline and cfg.mode.value != "none":
-            _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")  # its collectives need every rank
+            _baseline(
+                cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline"
+            )  # its collectives need every rank
         return float(result["best_val_acc"])
-    meta = {"model": OmegaConf.to_container(cfg.student, resolve=True), "num_classes": splits.num_classes,
-            "in_shape": list(splits.in_shape), "mean": splits.mean, "std": splits.std}
+    meta = {
+        "model": OmegaConf.to_container(cfg.student, resolve=True),
+        "num_classes": splits.num_classes,
+        "in_shape": list(splits.in_shape),
+        "mean": splits.mean,
+        "std": splits.std,
+    }
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
 
     baseline = None
@@ -190,9 +246,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "seconds": time.time() - start,
         "run_dir": str(run_dir),
         "resumed_from": str(resume.path) if resume else None,
-        "teacher_cache": None if cache is None else {
-            "policy": cfg.teacher_cache.value, "key": cache.key, "views": cache.views,
-            "dtype": cfg.teacher_cache_dtype.value, "topk": cfg.teacher_cache_topk},
+        "teacher_cache": None
+        if cache is None
+        else {
+            "policy": cfg.teacher_cache.value,
+            "key": cache.key,
+            "views": cache.views,
+            "dtype": cfg.teacher_cache_dtype.value,
+            "topk": cfg.teacher_cache_topk,
+        },
     }
     if cfg.dataset.exclude_classes:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
@@ -204,8 +266,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     return float(result["best_val_acc"])
 
 
-def _teacher_cache(cfg: DictConfig, splits: Splits, teacher: torch.nn.Module, features: FeatureDistiller | None,
-                   weights: dict[str, float], device: torch.device, amp_dtype: torch.dtype | None) -> TeacherCache | None:
+def _teacher_cache(
+    cfg: DictConfig,
+    splits: Splits,
+    teacher: torch.nn.Module,
+    features: FeatureDistiller | None,
+    weights: dict[str, float],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> TeacherCache | None:
     """The teacher-output cache for this run (teacher_cache=...), or None: the teacher runs every step."""
     if weights["kd"] == 0 and weights["feat"] == 0:
         return None  # mode=none: no teacher term
@@ -214,10 +283,21 @@ def _teacher_cache(cfg: DictConfig, splits: Splits, teacher: torch.nn.Module, fe
         teacher.to(memory_format=torch.channels_last)
     cache_dir = Path(cfg.teacher_cache_dir or Path(cfg.teacher_store) / "cache").expanduser()
     cache = obtain(
-        cfg.teacher_cache.value, teacher, splits.train, splits.num_classes, OmegaConf.to_container(cfg.dataset, resolve=True),
-        cache_dir, device, amp_dtype, [p.teacher for p in features.pairs] if features is not None else [],
-        dtype=cfg.teacher_cache_dtype.value, topk=cfg.teacher_cache_topk, temperature=float(cfg.temperature),
-        views=int(cfg.teacher_cache_views), augment=splits.augment, channels_last=channels_last,
+        cfg.teacher_cache.value,
+        teacher,
+        splits.train,
+        splits.num_classes,
+        OmegaConf.to_container(cfg.dataset, resolve=True),
+        cache_dir,
+        device,
+        amp_dtype,
+        [p.teacher for p in features.pairs] if features is not None else [],
+        dtype=cfg.teacher_cache_dtype.value,
+        topk=cfg.teacher_cache_topk,
+        temperature=float(cfg.temperature),
+        views=int(cfg.teacher_cache_views),
+        augment=splits.augment,
+        channels_last=channels_last,
     )
     if features is not None:
         features.clear()  # the cache's forward passes also ran the distiller's teacher hooks
@@ -231,23 +311,30 @@ def _resume(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Resume | 
     path = find_resume(cfg.resume, run_dir)
     holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
     if holds_run and (path is None or run_dir_of(path) != run_dir.resolve()):
-        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-                        f"or continue that run with resume={run_dir}")
+        raise UserError(
+            f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+            f"or continue that run with resume={run_dir}"
+        )
     if path is None:
         if cfg.resume == "auto":
             log.info("resume=auto: no checkpoint in %s, starting a new run", run_dir / "checkpoints")
         return None
     state, changed = load_training_checkpoint(path, config)
     if changed:
-        log.warning("resuming with settings that differ from the checkpoint's (the result will differ from an "
-                    "uninterrupted run): %s", "; ".join(changed))
+        log.warning(
+            "resuming with settings that differ from the checkpoint's (the result will differ from an "
+            "uninterrupted run): %s",
+            "; ".join(changed),
+        )
     return Resume(path, state)
 
 
 def _finished(resume: Resume, cfg: DictConfig, run_dir: Path) -> bool:
     """A resume of a run that completed every epoch and wrote its summary: nothing left to do."""
     state = resume.state
-    return state.get("partial") is None and int(state["epoch"]) == int(cfg.epochs) and (run_dir / "summary.json").is_file()
+    return (
+        state.get("partial") is None and int(state["epoch"]) == int(cfg.epochs) and (run_dir / "summary.json").is_file()
+    )
 
 
 def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
@@ -256,22 +343,39 @@ def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
     for role in ("student", "teacher"):
         try:
             with torch.device("meta"):
-                model = build_model(OmegaConf.to_container(cfg[role], resolve=True), splits.num_classes, splits.in_shape, role)
-        except Exception:  # noqa: BLE001, S112 - not buildable on the meta device: checked when it is really built
+                model = build_model(
+                    OmegaConf.to_container(cfg[role], resolve=True), splits.num_classes, splits.in_shape, role
+                )
+        except Exception:
             continue
         Capture(model, [getattr(p, role) for p in pairs], role).remove()
 
 
-def _baseline(cfg: DictConfig, splits: Splits, device: torch.device, amp_dtype: torch.dtype | None,
-              teacher_pred: torch.Tensor, folder: Path) -> dict[str, Any]:
+def _baseline(
+    cfg: DictConfig,
+    splits: Splits,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    teacher_pred: torch.Tensor,
+    folder: Path,
+) -> dict[str, Any]:
     """The student alone (mode=none: CE only, weight 1) with the same data, recipe and seed."""
     log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
     on_epoch = _epoch_sink(cfg, folder, "baseline") if distributed.is_main() else None
     weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
-    result = fit(student, splits.train, splits.val, _spec(cfg, weights, "baseline", None, {}), device, amp_dtype,
-                 teacher_val_pred=teacher_pred, on_epoch=on_epoch, augment=splits.augment)
+    result = fit(
+        student,
+        splits.train,
+        splits.val,
+        _spec(cfg, weights, "baseline", None, {}),
+        device,
+        amp_dtype,
+        teacher_val_pred=teacher_pred,
+        on_epoch=on_epoch,
+        augment=splits.augment,
+    )
     out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
     if cfg.dataset.exclude_classes:
         out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")

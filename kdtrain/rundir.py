@@ -75,7 +75,9 @@ def open_run(path: str | Path) -> Run:
         raise UserError(f"{path} is not a directory; give the run dir that kdtrain wrote (its hydra.run.dir)")
     config = path / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise UserError(f"{path} has no .hydra/config.yaml, so it is not a kdtrain run dir; give the folder a kdtrain run wrote")
+        raise UserError(
+            f"{path} has no .hydra/config.yaml, so it is not a kdtrain run dir; give the folder a kdtrain run wrote"
+        )
     try:
         cfg = OmegaConf.load(config)
     except Exception as e:  # YAML syntax errors and the like
@@ -85,7 +87,9 @@ def open_run(path: str | Path) -> Run:
         try:
             summary = json.loads((path / "summary.json").read_text())
         except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'summary.json'} is not valid JSON ({e}); restore the file the run wrote") from None
+            raise UserError(
+                f"{path / 'summary.json'} is not valid JSON ({e}); restore the file the run wrote"
+            ) from None
     return Run(path, cfg, summary)
 
 
@@ -111,7 +115,7 @@ def dataset_config(run: Run, overrides: list[str]) -> DictConfig:
                 f"{text!r} is not a dataset override; only the run's dataset settings can be changed here, "
                 "e.g. dataset.root=/data/cifar (the student stays the one the run trained)"
             )
-        sub = key[len("dataset."):]
+        sub = key[len("dataset.") :]
         try:
             if override.is_add():
                 with open_dict(ds):
@@ -121,8 +125,10 @@ def dataset_config(run: Run, overrides: list[str]) -> DictConfig:
         except OmegaConfBaseException as e:
             reason = str(e).splitlines()[0]
             if "not in" in reason:
-                raise UserError(f"{key} is not a dataset setting; check the spelling (the run's settings: "
-                                f"{', '.join('dataset.' + str(k) for k in ds)})") from None
+                raise UserError(
+                    f"{key} is not a dataset setting; check the spelling (the run's settings: "
+                    f"{', '.join('dataset.' + str(k) for k in ds)})"
+                ) from None
             raise UserError(f"{text} is not accepted: {reason}") from None
     return ds
 
@@ -136,7 +142,18 @@ def build_splits(run: Run, overrides: list[str]) -> tuple[Any, DictConfig]:
 
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def class_names(dataset: Any, splits: Any = None) -> list[str] | None:
@@ -172,7 +189,9 @@ def read_meta(path: Path) -> dict[str, Any]:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable safetensors file ({first[:200]}); it may be truncated or corrupt") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({first[:200]}); it may be truncated or corrupt"
+        ) from None
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
@@ -182,8 +201,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _build(model_cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str,
-           weights: Path, what: str) -> nn.Module:
+def _build(
+    model_cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str, weights: Path, what: str
+) -> nn.Module:
     from kdtrain.models import build_model
 
     model = build_model(model_cfg, num_classes, in_shape, role)
@@ -196,12 +216,22 @@ def load_student_file(path: Path) -> Student:
     meta = read_meta(path)
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
-        raise UserError(f"{path} has no kdtrain metadata ({', '.join(missing)} missing); give the student.safetensors "
-                        "a kdtrain run wrote, or its run dir")
+        raise UserError(
+            f"{path} has no kdtrain metadata ({', '.join(missing)} missing); give the student.safetensors "
+            "a kdtrain run wrote, or its run dir"
+        )
     in_shape = tuple(int(v) for v in meta["in_shape"])
     model = _build(meta["model"], int(meta["num_classes"]), in_shape, "student", path, "student weights")
-    return Student(model, path, str(meta["model"].get("name")), int(meta["num_classes"]), in_shape,
-                   [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]], meta.get("class_names"))
+    return Student(
+        model,
+        path,
+        str(meta["model"].get("name")),
+        int(meta["num_classes"]),
+        in_shape,
+        [float(v) for v in meta["mean"]],
+        [float(v) for v in meta["std"]],
+        meta.get("class_names"),
+    )
 
 
 def student_weights(run: Run, checkpoint: str | None) -> Path:
@@ -214,20 +244,30 @@ def student_weights(run: Run, checkpoint: str | None) -> Path:
         if last.is_file():
             note("kdtrain", f"{run.path} has no {STUDENT_FILE} (unfinished run?); using {last}")
             return last
-        raise UserError(f"{run.path} holds no student weights ({STUDENT_FILE} or checkpoints/last.pt); "
-                        "has the run trained for an epoch?")
+        raise UserError(
+            f"{run.path} holds no student weights ({STUDENT_FILE} or checkpoints/last.pt); "
+            "has the run trained for an epoch?"
+        )
     if checkpoint in CHECKPOINTS:
         path = run.path / "checkpoints" / f"{checkpoint}.pt"
         if not path.is_file():
-            raise UserError(f"{run.path} has no checkpoints/{checkpoint}.pt; use --checkpoint best|last|PATH with a file that exists")
+            raise UserError(
+                f"{run.path} has no checkpoints/{checkpoint}.pt; use --checkpoint best|last|PATH with a file "
+                "that exists"
+            )
         return path
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise UserError(f"--checkpoint {checkpoint} is neither best, last nor an existing file; give best, last or a .pt/.safetensors path")
+        raise UserError(
+            f"--checkpoint {checkpoint} is neither best, last nor an existing file; give best, last or a "
+            ".pt/.safetensors path"
+        )
     return path
 
 
-def load_student(run: Run, checkpoint: str | None = None, splits: Any = None, dataset: DictConfig | None = None) -> Student:
+def load_student(
+    run: Run, checkpoint: str | None = None, splits: Any = None, dataset: DictConfig | None = None
+) -> Student:
     """The run's student with `checkpoint`'s weights.
 
     Shapes and normalisation come from student.safetensors' metadata (what the student was trained
@@ -240,9 +280,16 @@ def load_student(run: Run, checkpoint: str | None = None, splits: Any = None, da
         num_classes, in_shape = int(meta["num_classes"]), tuple(int(v) for v in meta["in_shape"])
         mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
     elif splits is not None:
-        num_classes, in_shape, mean, std = splits.num_classes, tuple(splits.in_shape), list(splits.mean), list(splits.std)
+        num_classes, in_shape, mean, std = (
+            splits.num_classes,
+            tuple(splits.in_shape),
+            list(splits.mean),
+            list(splits.std),
+        )
     else:
-        raise UserError(f"{run.path} has no {STUDENT_FILE} with kdtrain metadata; without it the input shape is unknown")
+        raise UserError(
+            f"{run.path} has no {STUDENT_FILE} with kdtrain metadata; without it the input shape is unknown"
+        )
     model_cfg = OmegaConf.to_container(run.cfg.student, resolve=True)
     model = _build(model_cfg, num_classes, in_shape, "student", weights, "student weights")
     names = class_names(dataset if dataset is not None else run.cfg.dataset, splits)
@@ -268,7 +315,11 @@ def teacher_weights(run: Run) -> Path | None:
     for candidate in candidates:
         # A relative path is relative to where kdtrain ran: usually here, or an ancestor of the run dir
         # (the default run dir outputs/runs/DAY/TIME sits beside the default store outputs/teachers).
-        tries = [candidate] if candidate.is_absolute() else [candidate, *(a / candidate for a in run.path.resolve().parents)]
+        tries = (
+            [candidate]
+            if candidate.is_absolute()
+            else [candidate, *(a / candidate for a in run.path.resolve().parents)]
+        )
         for path in tries:
             if path.is_dir() and (path / "teacher.safetensors").is_file():
                 return path / "teacher.safetensors"

@@ -32,9 +32,25 @@ from kdtrain.errors import UserError
 
 log = logging.getLogger("kdtrain")
 
-CSV_COLUMNS = ["config", "n", "failed", "best_mean", "best_std", "last_mean", "last_std", "student_params",
-               "teacher_val_acc", "seconds_mean", "alone_best_mean", "gain_mean", "params_ratio", "flops_ratio",
-               "latency_ratio_batch_1", "latency_ratio_batch_64", "seeds"]
+CSV_COLUMNS = [
+    "config",
+    "n",
+    "failed",
+    "best_mean",
+    "best_std",
+    "last_mean",
+    "last_std",
+    "student_params",
+    "teacher_val_acc",
+    "seconds_mean",
+    "alone_best_mean",
+    "gain_mean",
+    "params_ratio",
+    "flops_ratio",
+    "latency_ratio_batch_1",
+    "latency_ratio_batch_64",
+    "seeds",
+]
 
 
 # ---------------------------------------------------------------- reading the jobs
@@ -50,8 +66,11 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and ((d / ".hydra" / "overrides.yaml").is_file()
-                                                              or (d / "summary.json").is_file())]
+    jobs = [
+        d
+        for d in sweep_dir.iterdir()
+        if d.is_dir() and ((d / ".hydra" / "overrides.yaml").is_file() or (d / "summary.json").is_file())
+    ]
     return sorted(jobs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
 
 
@@ -68,7 +87,9 @@ def collect(paths: list[Path]) -> list[dict[str, Any]]:
             raise UserError(f"{path} is not a directory; give a sweep dir (outputs/multirun/DATE/TIME) or run dirs")
         folders = [path] if _is_run(path) else _job_dirs(path)
         if not folders:
-            raise UserError(f"{path} holds no kdtrain run (no summary.json or .hydra/overrides.yaml in it or its subfolders)")
+            raise UserError(
+                f"{path} holds no kdtrain run (no summary.json or .hydra/overrides.yaml in it or its subfolders)"
+            )
         for folder in folders:
             summary = None
             if (folder / "summary.json").is_file():
@@ -124,31 +145,38 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         last_mean, last_std = mean_std([s["student"]["last_val_acc"] for s in ok])
         ratios = [s.get("compression", {}).get("ratios", {}) for s in ok]
         modes = {s.get("mode") for s in ok} or {group["params"].get("mode")}
-        rows.append({
-            "config": " ".join(f"{k}={v}" for k, v in group["params"].items()) or "(defaults)",
-            "params": group["params"],
-            "mode": modes.pop() if len(modes) == 1 else None,
-            "n": len(ok),
-            "failed": len(group["failed"]),
-            "best_mean": best_mean, "best_std": best_std,
-            "last_mean": last_mean, "last_std": last_std,
-            "student_params": ok[0]["student"]["params"] if ok else None,
-            "teacher_val_acc": _mean([s["teacher"]["val_acc"] for s in ok]),
-            "seconds_mean": _mean([s.get("seconds") for s in ok]),
-            "alone_best_mean": _mean([(s.get("baseline") or {}).get("best_val_acc") for s in ok]),
-            "gain_mean": _mean([s.get("gain_vs_baseline") for s in ok]),
-            "params_ratio": _mean([x.get("params") for x in ratios]),
-            "flops_ratio": _mean([x.get("flops") for x in ratios]),
-            "latency_ratio_batch_1": _mean([x.get("latency_batch_1") for x in ratios]),
-            "latency_ratio_batch_64": _mean([x.get("latency_batch_64") for x in ratios]),
-            "seeds": sorted({s.get("seed") for s in ok if s.get("seed") is not None}),
-            "runs": [r["dir"] for r in group["ok"]],
-        })
+        rows.append(
+            {
+                "config": " ".join(f"{k}={v}" for k, v in group["params"].items()) or "(defaults)",
+                "params": group["params"],
+                "mode": modes.pop() if len(modes) == 1 else None,
+                "n": len(ok),
+                "failed": len(group["failed"]),
+                "best_mean": best_mean,
+                "best_std": best_std,
+                "last_mean": last_mean,
+                "last_std": last_std,
+                "student_params": ok[0]["student"]["params"] if ok else None,
+                "teacher_val_acc": _mean([s["teacher"]["val_acc"] for s in ok]),
+                "seconds_mean": _mean([s.get("seconds") for s in ok]),
+                "alone_best_mean": _mean([(s.get("baseline") or {}).get("best_val_acc") for s in ok]),
+                "gain_mean": _mean([s.get("gain_vs_baseline") for s in ok]),
+                "params_ratio": _mean([x.get("params") for x in ratios]),
+                "flops_ratio": _mean([x.get("flops") for x in ratios]),
+                "latency_ratio_batch_1": _mean([x.get("latency_batch_1") for x in ratios]),
+                "latency_ratio_batch_64": _mean([x.get("latency_batch_64") for x in ratios]),
+                "seeds": sorted({s.get("seed") for s in ok if s.get("seed") is not None}),
+                "runs": [r["dir"] for r in group["ok"]],
+            }
+        )
     rows.sort(key=lambda r: (r["best_mean"] is None, -(r["best_mean"] or 0.0), r["config"]))
     # Overrides every configuration shares are said once (`common`); a row's label names the rest.
     keys = {k for r in rows for k in r["params"]}
-    common = {k: rows[0]["params"][k] for k in sorted(keys)
-              if all(r["params"].get(k) == rows[0]["params"].get(k) for r in rows) and k in rows[0]["params"]}
+    common = {
+        k: rows[0]["params"][k]
+        for k in sorted(keys)
+        if all(r["params"].get(k) == rows[0]["params"].get(k) for r in rows) and k in rows[0]["params"]
+    }
     for r in rows:
         r["label"] = " ".join(f"{k}={v}" for k, v in r["params"].items() if k not in common) or r["config"]
     teachers: dict[tuple, dict[str, Any]] = {}
@@ -157,8 +185,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             t = r["summary"]["teacher"]
             teachers.setdefault((t["name"], t.get("source"), t["val_acc"]), t)
     failed = [{"dir": r["dir"], "overrides": r["overrides"]} for r in runs if r["summary"] is None]
-    return {"rows": rows, "common": common, "teachers": list(teachers.values()), "failed": failed, "jobs": len(runs),
-            "std": "sample standard deviation over seeds (ddof=1); null when n < 2"}
+    return {
+        "rows": rows,
+        "common": common,
+        "teachers": list(teachers.values()),
+        "failed": failed,
+        "jobs": len(runs),
+        "std": "sample standard deviation over seeds (ddof=1); null when n < 2",
+    }
 
 
 # ---------------------------------------------------------------- writing and printing
@@ -213,32 +247,57 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
     rows = result["rows"]
     with_alone = any(r["gain_mean"] is not None for r in rows)
     common = " ".join(f"{k}={v}" for k, v in result.get("common", {}).items())
-    table = Table(title=title, box=box.SIMPLE_HEAD, caption="best/last: val acc in %, mean±std, sample std over seeds (ddof=1; '-' when n=1). "
-                  "FLOPs, CPU: teacher / student (CPU latency at batch 1)"
-                  + (". gain: points over the student alone (same seed)" if with_alone else "") + (f". Every row: {common}" if common else ""))
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        caption="best/last: val acc in %, mean±std, sample std over seeds (ddof=1; '-' when n=1). "
+        "FLOPs, CPU: teacher / student (CPU latency at batch 1)"
+        + (". gain: points over the student alone (same seed)" if with_alone else "")
+        + (f". Every row: {common}" if common else ""),
+    )
     table.add_column("config", min_width=10, overflow="fold")
     for col in ("n", "best acc", "last acc", "params", "FLOPs", "CPU") + (("gain",) if with_alone else ()) + ("s/job",):
         table.add_column(col, justify="right", no_wrap=True)
     for t in result["teachers"]:
-        table.add_row(f"teacher ({t['name']})", "", _pct(t["val_acc"], show_std=False), _pct(t["val_acc"], show_std=False),
-                      f"{t['params']:,}", "1x", "1x", *([""] if with_alone else []), "", style="bold")
+        table.add_row(
+            f"teacher ({t['name']})",
+            "",
+            _pct(t["val_acc"], show_std=False),
+            _pct(t["val_acc"], show_std=False),
+            f"{t['params']:,}",
+            "1x",
+            "1x",
+            *([""] if with_alone else []),
+            "",
+            style="bold",
+        )
     for r in rows:
         n = f"{r['n']}" + (f"+{r['failed']} failed" if r["failed"] else "")
         label = r["label"] + (" (alone)" if r["mode"] == "none" else "")
         gain = ["-" if r["gain_mean"] is None else f"{100 * r['gain_mean']:+.2f}"] if with_alone else []
-        table.add_row(label, n, _pct(r["best_mean"], r["best_std"]), _pct(r["last_mean"], r["last_std"]),
-                      "-" if r["student_params"] is None else f"{r['student_params']:,}",
-                      _x(r["flops_ratio"]), _x(r["latency_ratio_batch_1"]), *gain,
-                      "-" if r["seconds_mean"] is None else f"{r['seconds_mean']:.1f}",
-                      style="red" if r["n"] == 0 else None)
+        table.add_row(
+            label,
+            n,
+            _pct(r["best_mean"], r["best_std"]),
+            _pct(r["last_mean"], r["last_std"]),
+            "-" if r["student_params"] is None else f"{r['student_params']:,}",
+            _x(r["flops_ratio"]),
+            _x(r["latency_ratio_batch_1"]),
+            *gain,
+            "-" if r["seconds_mean"] is None else f"{r['seconds_mean']:.1f}",
+            style="red" if r["n"] == 0 else None,
+        )
     console.print(table)
     for f in result["failed"]:
-        console.print(f"[red]failed[/red] (no summary.json): {f['dir']}  {' '.join(f['overrides']) or '(no overrides)'}",
-                      soft_wrap=True)
+        console.print(
+            f"[red]failed[/red] (no summary.json): {f['dir']}  {' '.join(f['overrides']) or '(no overrides)'}",
+            soft_wrap=True,
+        )
 
 
-def report(paths: list[Path], out_dir: Path, title: str | None = None, quiet: bool = False,
-           plots: bool = True) -> dict[str, Any]:
+def report(
+    paths: list[Path], out_dir: Path, title: str | None = None, quiet: bool = False, plots: bool = True
+) -> dict[str, Any]:
     """Collect, summarise, write the files (and plots), print the table unless `quiet`."""
     result = summarise(collect(paths))
     json_path, csv_path = write_files(result, out_dir)
@@ -249,7 +308,7 @@ def report(paths: list[Path], out_dir: Path, title: str | None = None, quiet: bo
 
             teacher = result["teachers"][0]["val_acc"] if len(result["teachers"]) == 1 else None
             written = plot_sweep(result["rows"], out_dir, teacher)
-        except Exception as e:  # noqa: BLE001 - a plot must not lose the summary
+        except Exception as e:
             log.warning("sweep plots failed (%s: %s)", type(e).__name__, e)
     if not quiet:
         print_sweep(result, title or f"kdtrain sweep: {result['jobs']} jobs, {len(result['rows'])} configurations")
@@ -284,7 +343,7 @@ class SweepSummary(Callback):
             sweep_dir = _sweep_dir_of(Path(config.hydra.runtime.output_dir))
             if sweep_dir is not None:
                 report([sweep_dir], sweep_dir, quiet=True, plots=False)
-        except Exception as e:  # noqa: BLE001 - a summary must never fail a job
+        except Exception as e:
             log.warning("sweep summary after the job failed (%s: %s)", type(e).__name__, e)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
@@ -294,9 +353,10 @@ class SweepSummary(Callback):
                 log.warning("sweep summary: %s not found; run kdtrain-report on the sweep dir", sweep_dir)
                 return
             report([sweep_dir], sweep_dir, title=f"kdtrain sweep: {sweep_dir}")
-        except Exception as e:  # noqa: BLE001
-            log.warning("sweep summary failed (%s: %s); run kdtrain-report %s", type(e).__name__, e,
-                        config.hydra.sweep.dir)
+        except Exception as e:
+            log.warning(
+                "sweep summary failed (%s: %s); run kdtrain-report %s", type(e).__name__, e, config.hydra.sweep.dir
+            )
 
 
 # ---------------------------------------------------------------- kdtrain-report
@@ -306,11 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kdtrain-report",
         description="Summarise a kdtrain sweep dir or any run dirs: one row per configuration (overrides but "
-                    "seed and hydra.*), best/last val accuracy as mean ± sample std (ddof=1) over seeds; writes "
-                    "sweep_summary.json/.csv and sweep_<param>.png.")
+        "seed and hydra.*), best/last val accuracy as mean ± sample std (ddof=1) over seeds; writes "
+        "sweep_summary.json/.csv and sweep_<param>.png.",
+    )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a sweep dir, or run dirs")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the files (default: DIR when one is given, else the current directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the files (default: DIR when one is given, else the current directory)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path.cwd())

@@ -67,7 +67,9 @@ def get_teacher(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return the frozen teacher (eval mode, on `device`) and {name, val_acc, params, source}."""
     torch.manual_seed(int(cfg.teacher_train.seed))  # the teacher's initial weights depend on its own seed only
-    model = build_model(OmegaConf.to_container(cfg.teacher, resolve=True), splits.num_classes, splits.in_shape, "teacher")
+    model = build_model(
+        OmegaConf.to_container(cfg.teacher, resolve=True), splits.num_classes, splits.in_shape, "teacher"
+    )
     checkpoint = cfg.teacher.get("checkpoint")
     if checkpoint:
         path = Path(str(checkpoint)).expanduser()
@@ -81,7 +83,9 @@ def get_teacher(
     return model, {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
 
 
-def _from_store(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> Path:
+def _from_store(
+    cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None
+) -> Path:
     store = Path(cfg.teacher_store).expanduser()
     folder = store / teacher_key(cfg)
     weights = folder / "teacher.safetensors"
@@ -95,7 +99,9 @@ def _from_store(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch
     return folder
 
 
-def _train_into(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, folder: Path) -> None:
+def _train_into(
+    cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, folder: Path
+) -> None:
     t = cfg.teacher_train
     if t.batch_size > len(splits.teacher_train):
         raise UserError(
@@ -104,22 +110,40 @@ def _train_into(cfg: DictConfig, splits: Splits, model: nn.Module, device: torch
         )
     model.to(device)
     spec = FitSpec(
-        epochs=int(t.epochs), batch_size=int(t.batch_size), lr=float(t.lr), seed=int(t.seed),
-        optimizer=t.optimizer, scheduler=t.scheduler, weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
-        label="teacher", progress=cfg.progress.value, distributed=False,  # rank 0 alone, the others wait
+        epochs=int(t.epochs),
+        batch_size=int(t.batch_size),
+        lr=float(t.lr),
+        seed=int(t.seed),
+        optimizer=t.optimizer,
+        scheduler=t.scheduler,
+        weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
+        label="teacher",
+        progress=cfg.progress.value,
+        distributed=False,  # rank 0 alone, the others wait
     )
     start = time.time()
     rows: list[str] = []
-    result = fit(model, splits.teacher_train, splits.val, spec, device, amp_dtype,
-                 on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})),
-                 augment=splits.augment)
+    result = fit(
+        model,
+        splits.teacher_train,
+        splits.val,
+        spec,
+        device,
+        amp_dtype,
+        on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})),
+        augment=splits.augment,
+    )
     # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(model.state_dict(), tmp / "teacher.safetensors")
     (tmp / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    meta = {**teacher_identity(cfg), "val_acc": result["last_val_acc"], "params": count_params(model),
-            "seconds": time.time() - start}
+    meta = {
+        **teacher_identity(cfg),
+        "val_acc": result["last_val_acc"],
+        "params": count_params(model),
+        "seconds": time.time() - start,
+    }
     atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     os.replace(tmp, folder)

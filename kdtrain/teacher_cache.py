@@ -96,13 +96,25 @@ def weights_digest(model: nn.Module) -> str:
     return tensor_digest(sorted(model.state_dict().items()))
 
 
-def cache_identity(teacher: nn.Module, train: TensorSet, dataset_cfg: dict[str, Any], amp_dtype: torch.dtype | None,
-                   feature_paths: list[str], dtype: str, topk: int | None, temperature: float, views: int,
-                   augment: Any = None) -> dict[str, Any]:
+def cache_identity(
+    teacher: nn.Module,
+    train: TensorSet,
+    dataset_cfg: dict[str, Any],
+    amp_dtype: torch.dtype | None,
+    feature_paths: list[str],
+    dtype: str,
+    topk: int | None,
+    temperature: float,
+    views: int,
+    augment: Any = None,
+) -> dict[str, Any]:
     """Everything that decides what a cache holds, as plain data (its sha256 is the key)."""
     return {
         "version": CACHE_VERSION,
-        "teacher": {"class": f"{type(teacher).__module__}.{type(teacher).__qualname__}", "weights": weights_digest(teacher)},
+        "teacher": {
+            "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
+            "weights": weights_digest(teacher),
+        },
         "dataset": {k: v for k, v in sorted(dataset_cfg.items()) if k not in NOT_INPUT_KEYS},
         "split": "train",
         "inputs": {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])},
@@ -121,8 +133,10 @@ def cache_key(identity: dict[str, Any]) -> str:
 
 def _augment_params(augment: Any) -> dict[str, Any]:
     if augment is None or not all(hasattr(augment, a) for a in ("draw", "at", "describe")):
-        raise UserError("teacher_cache_views needs kdtrain's crop/flip augmentation (dataset.augment=true on an image "
-                        "dataset); this dataset's augmentation cannot replay fixed views: set teacher_cache_views=0")
+        raise UserError(
+            "teacher_cache_views needs kdtrain's crop/flip augmentation (dataset.augment=true on an image "
+            "dataset); this dataset's augmentation cannot replay fixed views: set teacher_cache_views=0"
+        )
     return augment.describe()
 
 
@@ -183,16 +197,38 @@ class TeacherCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher: nn.Module, train: TensorSet, device: torch.device, amp_dtype: torch.dtype | None,
-              feature_paths: list[str] | tuple[str, ...] = (), fp16: bool = False, topk: int | None = None,
-              temperature: float = 4.0, views: int = 0, augment: Any = None, batch_size: int = 512,
-              identity: dict[str, Any] | None = None, channels_last: bool = False) -> TeacherCache:
+    def build(
+        cls,
+        teacher: nn.Module,
+        train: TensorSet,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        feature_paths: list[str] | tuple[str, ...] = (),
+        fp16: bool = False,
+        topk: int | None = None,
+        temperature: float = 4.0,
+        views: int = 0,
+        augment: Any = None,
+        batch_size: int = 512,
+        identity: dict[str, Any] | None = None,
+        channels_last: bool = False,
+    ) -> TeacherCache:
         """Run the teacher (eval mode, no grad, under the run's autocast) once over `train` (and K views)."""
         feature_paths = list(feature_paths)
         dtype = torch.float16 if fp16 else torch.float32
         if identity is None:
-            identity = cache_identity(teacher, train, {}, amp_dtype, feature_paths, "float16" if fp16 else "float32",
-                                      topk, temperature, views, augment if views else None)
+            identity = cache_identity(
+                teacher,
+                train,
+                {},
+                amp_dtype,
+                feature_paths,
+                "float16" if fp16 else "float32",
+                topk,
+                temperature,
+                views,
+                augment if views else None,
+            )
         n, k_views = len(train), max(views, 1)
         cache = cls(num_classes=0, key=cache_key(identity), identity=identity, views=views)
         if views:
@@ -215,11 +251,15 @@ class TeacherCache:
                         out = teacher(xin)
                     rows = idx * views + v if views else idx
                     values = cls._reduce(out, topk, temperature) + (capture.pop() if capture else [])
-                    names = (["topk_values", "topk_indices", "topk_fill"] if topk else ["logits"]) + \
-                            [f"feature.{i}" for i in range(len(feature_paths))]
+                    names = (["topk_values", "topk_indices", "topk_fill"] if topk else ["logits"]) + [
+                        f"feature.{i}" for i in range(len(feature_paths))
+                    ]
                     for name, value in zip(names, values):
                         if name not in store:
-                            shape, kind = (n * k_views, *value.shape[1:]), value.dtype if name == "topk_indices" else dtype
+                            shape, kind = (
+                                (n * k_views, *value.shape[1:]),
+                                value.dtype if name == "topk_indices" else dtype,
+                            )
                             store[name] = torch.empty(shape, dtype=kind, device=device)
                         store[name][rows] = value.to(store[name].dtype)
                     cache.num_classes = out.shape[1]
@@ -228,11 +268,15 @@ class TeacherCache:
                 capture.remove()
             teacher.train(was_training)
         cache.logits = store.get("logits")
-        cache.topk_values, cache.topk_indices, cache.topk_fill = (store.get(k) for k in ("topk_values", "topk_indices", "topk_fill"))
+        cache.topk_values, cache.topk_indices, cache.topk_fill = (
+            store.get(k) for k in ("topk_values", "topk_indices", "topk_fill")
+        )
         cache.features = [store[f"feature.{i}"] for i in range(len(feature_paths))]
         if fp16 and not all(bool(t.isfinite().all()) for t in cache._tensors().values() if t.is_floating_point()):
-            raise UserError("teacher_cache_dtype=float16 cannot hold this teacher's outputs (some exceed float16's range "
-                            "of 65504); use teacher_cache_dtype=float32")
+            raise UserError(
+                "teacher_cache_dtype=float16 cannot hold this teacher's outputs (some exceed float16's range "
+                "of 65504); use teacher_cache_dtype=float32"
+            )
         return cache
 
     @staticmethod
@@ -250,16 +294,29 @@ class TeacherCache:
     # --- disk --------------------------------------------------------------------------------------
 
     def _tensors(self) -> dict[str, Tensor]:
-        named = {"logits": self.logits, "topk_values": self.topk_values, "topk_indices": self.topk_indices,
-                 "topk_fill": self.topk_fill, "view_dy": self.view_dy, "view_dx": self.view_dx, "view_flip": self.view_flip}
+        named = {
+            "logits": self.logits,
+            "topk_values": self.topk_values,
+            "topk_indices": self.topk_indices,
+            "topk_fill": self.topk_fill,
+            "view_dy": self.view_dy,
+            "view_dx": self.view_dx,
+            "view_flip": self.view_flip,
+        }
         named.update({f"feature.{i}": f for i, f in enumerate(self.features)})
         return {k: v for k, v in named.items() if v is not None}
 
     def save(self, path: Path) -> None:
         """Write the cache as one safetensors file (atomically), with its key, identity and a checksum."""
         tensors = self._tensors()
-        meta = {"key": self.key, "identity": self.identity, "num_classes": self.num_classes, "views": self.views,
-                "features": len(self.features), "digest": tensor_digest(sorted(tensors.items()))}
+        meta = {
+            "key": self.key,
+            "identity": self.identity,
+            "num_classes": self.num_classes,
+            "views": self.views,
+            "features": len(self.features),
+            "digest": tensor_digest(sorted(tensors.items())),
+        }
         save_weights(tensors, Path(path), {META: meta})
 
     @classmethod
@@ -276,34 +333,65 @@ class TeacherCache:
             tensors = load_file(str(path))
             meta = json.loads(raw) if raw is not None else None
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{what} is unreadable ({str(e).splitlines()[0][:120]}): it is truncated or corrupt") from None
-        if not isinstance(meta, dict) or not {"key", "identity", "num_classes", "views", "features", "digest"} <= set(meta):
+            raise UserError(
+                f"{what} is unreadable ({str(e).splitlines()[0][:120]}): it is truncated or corrupt"
+            ) from None
+        if not isinstance(meta, dict) or not {"key", "identity", "num_classes", "views", "features", "digest"} <= set(
+            meta
+        ):
             raise UserError(f"{what} is not a kdtrain teacher cache (no {META} metadata)")
         if key is not None and meta["key"] != key:
-            raise UserError(f"{what} holds the cache of another teacher, dataset or setting (key {meta['key'][:12]}, "
-                            f"expected {key[:12]})")
+            raise UserError(
+                f"{what} holds the cache of another teacher, dataset or setting (key {meta['key'][:12]}, "
+                f"expected {key[:12]})"
+            )
         if tensor_digest(sorted(tensors.items())) != meta["digest"]:
             raise UserError(f"{what} fails its checksum: its contents were changed or damaged")
         views, n_feat = int(meta["views"]), int(meta["features"])
-        needed = (["logits"] if meta["identity"].get("topk") in (None, 0) else ["topk_values", "topk_indices", "topk_fill"])
+        needed = (
+            ["logits"] if meta["identity"].get("topk") in (None, 0) else ["topk_values", "topk_indices", "topk_fill"]
+        )
         needed += [f"feature.{i}" for i in range(n_feat)] + (["view_dy", "view_dx", "view_flip"] if views else [])
         if any(k not in tensors for k in needed):
             raise UserError(f"{what} is incomplete (no {next(k for k in needed if k not in tensors)!r} tensor)")
         t = {k: v.to(device) for k, v in tensors.items()}
-        return cls(num_classes=int(meta["num_classes"]), key=meta["key"], identity=meta["identity"],
-                   logits=t.get("logits"), topk_values=t.get("topk_values"), topk_indices=t.get("topk_indices"),
-                   topk_fill=t.get("topk_fill"), features=[t[f"feature.{i}"] for i in range(n_feat)], views=views,
-                   view_dy=t.get("view_dy"), view_dx=t.get("view_dx"), view_flip=t.get("view_flip"))
+        return cls(
+            num_classes=int(meta["num_classes"]),
+            key=meta["key"],
+            identity=meta["identity"],
+            logits=t.get("logits"),
+            topk_values=t.get("topk_values"),
+            topk_indices=t.get("topk_indices"),
+            topk_fill=t.get("topk_fill"),
+            features=[t[f"feature.{i}"] for i in range(n_feat)],
+            views=views,
+            view_dy=t.get("view_dy"),
+            view_dx=t.get("view_dx"),
+            view_flip=t.get("view_flip"),
+        )
 
 
 def cache_file(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"teacher-{key[:24]}.safetensors"
 
 
-def obtain(policy: str, teacher: nn.Module, train: TensorSet, num_classes: int, dataset_cfg: dict[str, Any],
-           cache_dir: Path, device: torch.device, amp_dtype: torch.dtype | None, feature_paths: list[str], dtype: str = "float32",
-           topk: int | None = None, temperature: float = 4.0, views: int = 0, augment: Any = None,
-           channels_last: bool = False) -> TeacherCache | None:
+def obtain(
+    policy: str,
+    teacher: nn.Module,
+    train: TensorSet,
+    num_classes: int,
+    dataset_cfg: dict[str, Any],
+    cache_dir: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    feature_paths: list[str],
+    dtype: str = "float32",
+    topk: int | None = None,
+    temperature: float = 4.0,
+    views: int = 0,
+    augment: Any = None,
+    channels_last: bool = False,
+) -> TeacherCache | None:
     """The cache a run uses under `teacher_cache=policy` (None: the teacher runs every step), logging the choice.
 
     auto: in memory when the training inputs are deterministic (or `views` > 0); under random augmentation
@@ -315,30 +403,57 @@ def obtain(policy: str, teacher: nn.Module, train: TensorSet, num_classes: int, 
     if policy == "off":
         return None
     if views and augment is None:
-        raise UserError(f"teacher_cache_views={views} caches augmented views, but this run's training inputs are not "
-                        "augmented (dataset.augment=false, or a dataset without augmentation); set teacher_cache_views=0")
+        raise UserError(
+            f"teacher_cache_views={views} caches augmented views, but this run's training inputs are not "
+            "augmented (dataset.augment=false, or a dataset without augmentation); set teacher_cache_views=0"
+        )
     if augment is not None and not views:
         if policy == "auto":
-            log.info("teacher cache: off, the training inputs are randomly augmented so the teacher runs every step "
-                     "(teacher_cache_views=K caches K fixed augmented views per sample instead)")
+            log.info(
+                "teacher cache: off, the training inputs are randomly augmented so the teacher runs every step "
+                "(teacher_cache_views=K caches K fixed augmented views per sample instead)"
+            )
             return None
-        raise UserError(f"teacher_cache={policy} needs deterministic training inputs, but dataset.augment is on; "
-                        "set teacher_cache_views=K (K fixed augmented views per sample), dataset.augment=false, "
-                        "or teacher_cache=auto")
+        raise UserError(
+            f"teacher_cache={policy} needs deterministic training inputs, but dataset.augment is on; "
+            "set teacher_cache_views=K (K fixed augmented views per sample), dataset.augment=false, "
+            "or teacher_cache=auto"
+        )
     if topk is not None and not 1 <= topk < num_classes:
-        raise UserError(f"teacher_cache_topk={topk} is out of range for {num_classes} classes: it must be in "
-                        f"1..{num_classes - 1}, or null to keep every logit")
-    identity = cache_identity(teacher, train, dataset_cfg, amp_dtype, feature_paths, dtype, topk, temperature, views, augment)
+        raise UserError(
+            f"teacher_cache_topk={topk} is out of range for {num_classes} classes: it must be in "
+            f"1..{num_classes - 1}, or null to keep every logit"
+        )
+    identity = cache_identity(
+        teacher, train, dataset_cfg, amp_dtype, feature_paths, dtype, topk, temperature, views, augment
+    )
     key = cache_key(identity)
 
     def build() -> TeacherCache:
         start = time.perf_counter()
-        cache = TeacherCache.build(teacher, train, device, amp_dtype, feature_paths, fp16=dtype == "float16",
-                                   topk=topk, temperature=temperature, views=views, augment=augment,
-                                   identity=identity, channels_last=channels_last)
-        log.info("teacher cache: teacher outputs for %d samples%s computed once in %.1f s (%.1f MB on %s); "
-                 "the teacher's forward pass is skipped in training", len(train), f" x {views} views" if views else "",
-                 time.perf_counter() - start, cache.nbytes() / 2**20, device)
+        cache = TeacherCache.build(
+            teacher,
+            train,
+            device,
+            amp_dtype,
+            feature_paths,
+            fp16=dtype == "float16",
+            topk=topk,
+            temperature=temperature,
+            views=views,
+            augment=augment,
+            identity=identity,
+            channels_last=channels_last,
+        )
+        log.info(
+            "teacher cache: teacher outputs for %d samples%s computed once in %.1f s (%.1f MB on %s); "
+            "the teacher's forward pass is skipped in training",
+            len(train),
+            f" x {views} views" if views else "",
+            time.perf_counter() - start,
+            cache.nbytes() / 2**20,
+            device,
+        )
         return cache
 
     if policy != "disk":

@@ -90,7 +90,9 @@ def setup(case: str, device: torch.device, samples: int) -> Setup:
         cfg = compose(["teacher=resnet56", "student=resnet20"])
         g = torch.Generator().manual_seed(0)
         classes, in_shape = 100, (3, 32, 32)
-        train = TensorSet(torch.randn(samples, *in_shape, generator=g), torch.randint(0, classes, (samples,), generator=g))
+        train = TensorSet(
+            torch.randn(samples, *in_shape, generator=g), torch.randint(0, classes, (samples,), generator=g)
+        )
         val = TensorSet(torch.randn(256, *in_shape, generator=g), torch.randint(0, classes, (256,), generator=g))
     torch.manual_seed(0)
     teacher = build_model(OmegaConf.to_container(cfg.teacher, resolve=True), classes, in_shape, "teacher")
@@ -101,8 +103,11 @@ def setup(case: str, device: torch.device, samples: int) -> Setup:
         return build_model(OmegaConf.to_container(cfg.student, resolve=True), classes, in_shape, "student").to(device)
 
     s = make_student()
-    desc = (f"{cfg.teacher.name} ({count_params(teacher):,} params) -> {cfg.student.name} ({count_params(s):,} params), "
-            f"{len(train):,} training samples {tuple(in_shape)}, {classes} classes, batch {cfg.batch_size}, mode {cfg.mode.value}")
+    desc = (
+        f"{cfg.teacher.name} ({count_params(teacher):,} params) -> {cfg.student.name} ({count_params(s):,} params), "
+        f"{len(train):,} training samples {tuple(in_shape)}, {classes} classes, "
+        f"batch {cfg.batch_size}, mode {cfg.mode.value}"
+    )
     return Setup(teacher, make_student, train, val, cfg, effective_weights(cfg), desc)
 
 
@@ -110,9 +115,19 @@ def spec(cfg: Any, weights: dict[str, float], label: str, channels_last: bool | 
     kwargs = {}
     if "channels_last" in inspect.signature(FitSpec).parameters:
         kwargs["channels_last"] = channels_last
-    return FitSpec(epochs=1, batch_size=int(cfg.batch_size), lr=float(cfg.lr), seed=0, optimizer=cfg.optimizer,
-                   scheduler=cfg.scheduler, weights=weights, temperature=float(cfg.temperature), label=label,
-                   progress="off", **kwargs)
+    return FitSpec(
+        epochs=1,
+        batch_size=int(cfg.batch_size),
+        lr=float(cfg.lr),
+        seed=0,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        weights=weights,
+        temperature=float(cfg.temperature),
+        label=label,
+        progress="off",
+        **kwargs,
+    )
 
 
 class PlainLoop:
@@ -125,13 +140,19 @@ class PlainLoop:
             self.student.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
         pin = device.type == "cuda"
-        self.loader = DataLoader(TensorDataset(s.train.x, s.train.y), batch_size=int(s.cfg.batch_size), shuffle=True,
-                                 pin_memory=pin, generator=torch.Generator().manual_seed(0))
+        self.loader = DataLoader(
+            TensorDataset(s.train.x, s.train.y),
+            batch_size=int(s.cfg.batch_size),
+            shuffle=True,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(0),
+        )
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, s.cfg.optimizer, float(s.cfg.lr))
         steps, epochs = len(self.loader), 100
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(s.cfg.scheduler, step / steps, epochs))
+            self.optimizer, lambda step: lr_factor(s.cfg.scheduler, step / steps, epochs)
+        )
         self.autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
         self.samples = len(s.train)
 
@@ -167,37 +188,58 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_runner(s: Setup, device: torch.device, amp_dtype: torch.dtype | None, weights: dict[str, float],
-                  label: str, channels_last: bool | None, **fit_kwargs: Any) -> Callable[[], float]:
+def engine_runner(
+    s: Setup,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    weights: dict[str, float],
+    label: str,
+    channels_last: bool | None,
+    **fit_kwargs: Any,
+) -> Callable[[], float]:
     """One epoch of kdtrain.engine.fit per call, on a student kept across calls; returns its epoch seconds."""
     student = s.make_student()
 
     def run() -> float:
-        result = fit(student, s.train, s.val, spec(s.cfg, weights, label, channels_last), device, amp_dtype, **fit_kwargs)
+        result = fit(
+            student, s.train, s.val, spec(s.cfg, weights, label, channels_last), device, amp_dtype, **fit_kwargs
+        )
         return float(result["history"][-1]["epoch_seconds"])
 
     return run
 
 
-def build_cache(s: Setup, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> tuple[Any, float]:
+def build_cache(
+    s: Setup, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool
+) -> tuple[Any, float]:
     from kdtrain.teacher_cache import TeacherCache
 
     sync(device)
     start = time.perf_counter()
-    cache = TeacherCache.build(s.teacher, s.train, device, amp_dtype, channels_last=channels_last,
-                               temperature=float(s.cfg.temperature))
+    cache = TeacherCache.build(
+        s.teacher, s.train, device, amp_dtype, channels_last=channels_last, temperature=float(s.cfg.temperature)
+    )
     sync(device)
     return cache, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--case", choices=("digits", "cifar"), default="digits")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--epochs", type=int, default=None, help="measured epochs per way, after one warm-up (default: digits 10, cifar 3)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="measured epochs per way, after one warm-up (default: digits 10, cifar 3)",
+    )
     ap.add_argument("--samples", type=int, default=2048, help="training samples of the cifar case (default 2048)")
     ap.add_argument("--amp", choices=("bf16", "off"), default="off", help="autocast dtype for every way (default off)")
-    ap.add_argument("--channels-last", action="store_true", help="channels_last memory format for every way (conv nets)")
+    ap.add_argument(
+        "--channels-last", action="store_true", help="channels_last memory format for every way (conv nets)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -210,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
 
     s = setup(args.case, device, args.samples)
     print(f"case {args.case}: {s.description}")
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}, channels_last {args.channels_last}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"amp {args.amp}, channels_last {args.channels_last}"
+    )
     cl = args.channels_last  # on CUDA the engine would pick channels_last itself: pass the same choice as plain
     runners: dict[str, Callable[[], float]] = {}
     plain = PlainLoop(s, device, amp_dtype, args.channels_last)
@@ -222,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_seconds = None
     if can_cache:
         cache, cache_seconds = build_cache(s, device, amp_dtype, bool(args.channels_last))
-        runners["cached"] = engine_runner(s, device, amp_dtype, s.weights, "cached", cl, teacher=s.teacher, teacher_cache=cache)
+        runners["cached"] = engine_runner(
+            s, device, amp_dtype, s.weights, "cached", cl, teacher=s.teacher, teacher_cache=cache
+        )
     else:
         print("kdtrain.engine.fit takes no teacher_cache here: the cached way is skipped")
     runners["student_alone"] = engine_runner(s, device, amp_dtype, {"ce": 1.0, "kd": 0.0, "feat": 0.0}, "alone", cl)
@@ -235,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             if r > 0:  # round 0 warms up
                 times[name].append(seconds)
         order = order[1:] + order[:1]
-        print(f"  round {r}/{epochs}{' (warm-up)' if r == 0 else ''}: " +
-              ", ".join(f"{n} {len(s.train) / t:,.0f}/s" for n, t in ((n, (times[n] or [0])[-1]) for n in runners) if t))
+        print(
+            f"  round {r}/{epochs}{' (warm-up)' if r == 0 else ''}: "
+            + ", ".join(f"{n} {len(s.train) / t:,.0f}/s" for n, t in ((n, (times[n] or [0])[-1]) for n in runners) if t)
+        )
 
     results: dict[str, dict[str, Any]] = {}
     for name, ts in times.items():
@@ -247,14 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     sps = {n: r["samples_per_sec"] for n, r in results.items()}
     ratios = {"engine_vs_plain": sps["engine"] / sps["plain"]}
     if "cached" in sps:
-        ratios["cached_vs_student_alone"] = results["cached"]["epoch_seconds"] / results["student_alone"]["epoch_seconds"]
+        ratios["cached_vs_student_alone"] = (
+            results["cached"]["epoch_seconds"] / results["student_alone"]["epoch_seconds"]
+        )
         ratios["default_vs_plain"] = sps["cached"] / sps["plain"]
 
     print(f"\n{'way':<15}{'samples/s':>12}{'epoch s':>10}{'vs plain':>10}")
     for name in NAMES:
         if name in results:
             r = results[name]
-            print(f"{name:<15}{r['samples_per_sec']:>12,.0f}{r['epoch_seconds']:>10.3f}{r['samples_per_sec'] / sps['plain']:>9.2f}x")
+            ratio = r["samples_per_sec"] / sps["plain"]
+            print(f"{name:<15}{r['samples_per_sec']:>12,.0f}{r['epoch_seconds']:>10.3f}{ratio:>9.2f}x")
     if cache_seconds is not None:
         print(f"(the cache was built once in {cache_seconds:.2f} s, before the rounds)")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
@@ -263,13 +315,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     if args.json:
         out = {
-            "case": args.case, "description": s.description, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "amp": args.amp,
-            "channels_last": args.channels_last, "samples": len(s.train), "batch_size": int(s.cfg.batch_size),
-            "measured_epochs": epochs, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "load_average": list(load) if load else None, "command": " ".join(sys.argv),
-            "results": results, "ratios": ratios,
+            "case": args.case,
+            "description": s.description,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+            "samples": len(s.train),
+            "batch_size": int(s.cfg.batch_size),
+            "measured_epochs": epochs,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "load_average": list(load) if load else None,
+            "command": " ".join(sys.argv),
+            "results": results,
+            "ratios": ratios,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

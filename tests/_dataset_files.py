@@ -58,7 +58,10 @@ def write_cifar10(root: Path, seed: int = 0) -> dict[str, dict]:
         }
         _pickle(folder / name, batch)
         batches[name] = batch
-    _pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072, "num_cases_per_batch": 4})
+    _pickle(
+        folder / "batches.meta",
+        {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072, "num_cases_per_batch": 4},
+    )
     return batches
 
 
@@ -76,12 +79,20 @@ def write_cifar100(root: Path, seed: int = 1) -> dict[str, dict]:
         }
         _pickle(folder / name, batch)
         batches[name] = batch
-    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]})
+    _pickle(
+        folder / "meta",
+        {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]},
+    )
     return batches
 
 
-def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), mode: str = "RGB",
-                      per_class: tuple[int, int] = (4, 2), size: tuple[int, int] = (40, 30)) -> None:
+def write_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    mode: str = "RGB",
+    per_class: tuple[int, int] = (4, 2),
+    size: tuple[int, int] = (40, 30),
+) -> None:
     """root/train/<class>/*.png and root/val/<class>/*.png, random pixels, in PIL mode RGB or L."""
     rng = np.random.default_rng(0)
     channels = 3 if mode == "RGB" else 1

@@ -46,5 +46,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     """Run `python -m kdtrain ARGS` in a subprocess; returns the completed process."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "kdtrain", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kdtrain", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )

@@ -56,8 +56,18 @@ def world(tmp_path_factory, store) -> dict[str, Path]:
 
         cfg = hydra.compose("config", overrides=[*TINY, "student=cnn", f"teacher_store={fake_store}"])
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    state = {"model": {}, "adapter": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "epoch": 1, "step": 21,
-             "rng": {}, "history": [{"epoch": 1}], "config": config}
+    state = {
+        "model": {},
+        "adapter": {},
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "epoch": 1,
+        "step": 21,
+        "rng": {},
+        "history": [{"epoch": 1}],
+        "config": config,
+    }
     torch.save(state, other / "checkpoints" / "last.pt")
 
     inputs = base / "inputs"
@@ -115,9 +125,18 @@ CASES = [
     ("corrupt-image", ["dataset=imagefolder", "dataset.root={inputs}/bad_images"], "broken.png cannot be read", "run"),
     ("batch-larger-than-data", ["batch_size=5000"], "larger than the training set", "run"),
     ("excluded-class-out-of-range", ["dataset.exclude_classes=[11]"], "not a class of digits", "run"),
-    ("no-feature-layer", ["mode=feature", "student=custom", "student._target_=tests.models.NoLinear"],
-     "has no nn.Linear classifier", "run"),
-    ("teacher-other-classes", ["teacher.checkpoint={inputs}/teacher_5_classes.pt"], "(5, 128) in the file but (10, 128)", "run"),
+    (
+        "no-feature-layer",
+        ["mode=feature", "student=custom", "student._target_=tests.models.NoLinear"],
+        "has no nn.Linear classifier",
+        "run",
+    ),
+    (
+        "teacher-other-classes",
+        ["teacher.checkpoint={inputs}/teacher_5_classes.pt"],
+        "(5, 128) in the file but (10, 128)",
+        "run",
+    ),
     ("teacher-corrupt", ["teacher.checkpoint={inputs}/corrupt.pt"], "is truncated or corrupt", "run"),
     ("teacher-code-pickle", ["teacher.checkpoint={inputs}/evil.pt"], "is not a PyTorch checkpoint", "run"),
     ("teacher-code-torch-save", ["teacher.checkpoint={inputs}/evil_zip.pt"], "names Python code (posix.system)", "run"),
@@ -180,8 +199,22 @@ def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path, world, m
         kdtrain.cli.main()
 
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run([sys.executable, "-m", "kdtrain", "batch_size=5000", "progress=off",
-                             f"teacher_store={world['fake_store']}", f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdtrain",
+            "batch_size=5000",
+            "progress=off",
+            f"teacher_store={world['fake_store']}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError: batch_size=5000 is larger" in result.stderr

@@ -25,10 +25,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     assert load_checkpoint(path, "resume") == {"epoch": 1}
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", "is truncated or corrupt"),
-    (b"\x00" * 64, "is not a PyTorch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "is truncated or corrupt"),
+        (b"\x00" * 64, "is not a PyTorch checkpoint"),
+    ],
+)
 def test_unreadable_files_give_one_line(tmp_path, content, reason):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)

@@ -37,7 +37,9 @@ DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "fak
 
 def dcfg(name: str, root: Path | None = None, **kw) -> DictConfig:
     """A typed dataset config as the CLI composes it (conf/dataset/<name>.yaml), with overrides."""
-    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml"))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DatasetConfig), OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml")
+    )
     cfg.root = None if root is None else str(root)
     for k, v in kw.items():
         cfg[k] = v
@@ -64,10 +66,13 @@ def test_every_dataset_registered() -> None:
         assert set(cfg) <= set(OmegaConf.structured(DatasetConfig))
 
 
-@pytest.mark.parametrize(("name", "folder", "mean", "std"), [
-    ("mnist", "MNIST", 0.1307, 0.3081),
-    ("fashion_mnist", "FashionMNIST", 0.2860, 0.3530),
-])
+@pytest.mark.parametrize(
+    ("name", "folder", "mean", "std"),
+    [
+        ("mnist", "MNIST", 0.1307, 0.3081),
+        ("fashion_mnist", "FashionMNIST", 0.2860, 0.3530),
+    ],
+)
 def test_mnist_like(data_root: Path, name: str, folder: str, mean: float, std: float) -> None:
     splits = build_dataset(dcfg(name, data_root, augment=True))
     assert splits.train.x.shape == (MNIST_TRAIN, 1, 28, 28) and splits.train.x.dtype == torch.float32
@@ -88,17 +93,22 @@ def test_mnist_resized(data_root: Path) -> None:
     assert dataset_shape(dcfg("mnist", data_root, image_size=32)) == (10, (1, 32, 32))
 
 
-@pytest.mark.parametrize(("name", "classes", "n_train", "n_val"), [
-    ("cifar10", 10, 5 * CIFAR_PER_BATCH, CIFAR_TEST),
-    ("cifar100", 100, 30, 12),
-])
+@pytest.mark.parametrize(
+    ("name", "classes", "n_train", "n_val"),
+    [
+        ("cifar10", 10, 5 * CIFAR_PER_BATCH, CIFAR_TEST),
+        ("cifar100", 100, 30, 12),
+    ],
+)
 def test_cifar(data_root: Path, name: str, classes: int, n_train: int, n_val: int) -> None:
     splits = build_dataset(dcfg(name, data_root))
     assert splits.train.x.shape == (n_train, 3, 32, 32) and splits.val.x.shape == (n_val, 3, 32, 32)
     assert splits.num_classes == classes and splits.in_shape == (3, 32, 32)
     assert splits.augment is not None  # the CIFAR configs augment by default
-    folder, first, key = {"cifar10": ("cifar-10-batches-py", "data_batch_1", "labels"),
-                          "cifar100": ("cifar-100-python", "train", "fine_labels")}[name]
+    folder, first, key = {
+        "cifar10": ("cifar-10-batches-py", "data_batch_1", "labels"),
+        "cifar100": ("cifar-100-python", "train", "fine_labels"),
+    }[name]
     with open(data_root / folder / first, "rb") as f:
         batch = pickle.load(f)  # the test's own file
     assert splits.train.y[: len(batch[key])].tolist() == batch[key]
@@ -121,7 +131,9 @@ def test_cifar_pickle_cannot_run_code(tmp_path: Path) -> None:
     evil.marker = marker
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump({"data": evil, "labels": []}, f, protocol=2)
-    with pytest.raises(UserError, match=r"data_batch_3 is not a readable CIFAR python batch \(it names (posix|os|nt)\.system"):
+    with pytest.raises(
+        UserError, match=r"data_batch_3 is not a readable CIFAR python batch \(it names (posix|os|nt)\.system"
+    ):
         build_dataset(dcfg("cifar10", tmp_path))
     assert not marker.exists()
 
@@ -163,13 +175,16 @@ def test_imagefolder_corrupt_image_names_the_file(tmp_path: Path) -> None:
         build_dataset(dcfg("imagefolder", tmp_path))
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda r: None, r"reads files: set dataset.root=PATH"),  # root null (config default)
-    (lambda r: (r / "train").rename(r / "training"), r"needs .*train: dataset.root must hold train/ and val/"),
-    (lambda r: [p.unlink() for p in (r / "val").rglob("*.png")], r"val holds no images"),
-    (lambda r: (r / "train" / "c").mkdir(), r"train/c holds no images"),
-    (lambda r: (r / "val" / "zebra").mkdir(), r"val/zebra is a class that .*train lacks"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda r: None, r"reads files: set dataset.root=PATH"),  # root null (config default)
+        (lambda r: (r / "train").rename(r / "training"), r"needs .*train: dataset.root must hold train/ and val/"),
+        (lambda r: [p.unlink() for p in (r / "val").rglob("*.png")], r"val holds no images"),
+        (lambda r: (r / "train" / "c").mkdir(), r"train/c holds no images"),
+        (lambda r: (r / "val" / "zebra").mkdir(), r"val/zebra is a class that .*train lacks"),
+    ],
+)
 def test_imagefolder_layout_errors(tmp_path: Path, damage, message: str) -> None:
     write_imagefolder(tmp_path, classes=("a", "b"))
     damage(tmp_path)
@@ -178,12 +193,15 @@ def test_imagefolder_layout_errors(tmp_path: Path, damage, message: str) -> None
         build_dataset(dcfg("imagefolder", root))
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
-    ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
-    ("cifar10", "cifar-10-batches-py/data_batch_1"),
-    ("cifar100", "cifar-100-python/train"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+        ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
+        ("cifar10", "cifar-10-batches-py/data_batch_1"),
+        ("cifar100", "cifar-100-python/train"),
+    ],
+)
 def test_missing_files(tmp_path: Path, name: str, expected: str) -> None:
     with pytest.raises(UserError, match=rf"cannot find {tmp_path / 'nowhere' / expected}.*dataset.download=true") as e:
         build_dataset(dcfg(name, tmp_path / "nowhere"))
@@ -206,6 +224,7 @@ def test_labelled_and_excluded(data_root: Path) -> None:
 
 
 # --- augmentation ----------------------------------------------------------------------------
+
 
 def test_augment_keeps_shape_and_changes_pixels() -> None:
     torch.manual_seed(0)
@@ -251,15 +270,36 @@ def test_mnist_augment_never_flips(data_root: Path) -> None:
 
 # --- through the CLI ---------------------------------------------------------------------------
 
+
 def test_one_epoch_on_every_dataset(data_root: Path, tmp_path: Path) -> None:
     """One sweep job per dataset: a 1-epoch teacher and a 1-epoch student, each on the dataset's files."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kdtrain", "--multirun", f"dataset={','.join(DATASETS)}", f"dataset.root={data_root}",
-         "epochs=1", "teacher_train.epochs=1", "batch_size=8", "teacher_train.batch_size=8", "baseline=false",
-         "student=mlp", "teacher=mlp", "progress=off", "device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-         f"teacher_store={tmp_path / 'teachers'}"],
-        check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "kdtrain",
+            "--multirun",
+            f"dataset={','.join(DATASETS)}",
+            f"dataset.root={data_root}",
+            "epochs=1",
+            "teacher_train.epochs=1",
+            "batch_size=8",
+            "teacher_train.batch_size=8",
+            "baseline=false",
+            "student=mlp",
+            "teacher=mlp",
+            "progress=off",
+            "device=cpu",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"teacher_store={tmp_path / 'teachers'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i, name in enumerate(DATASETS):
@@ -273,9 +313,24 @@ def test_one_epoch_on_every_dataset(data_root: Path, tmp_path: Path) -> None:
 def test_cli_missing_dataset_dir(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kdtrain", "dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}", "epochs=1",
-         "progress=off", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", f"teacher_store={tmp_path / 'teachers'}"],
-        check=False, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "kdtrain",
+            "dataset=cifar10",
+            f"dataset.root={tmp_path / 'nowhere'}",
+            "epochs=1",
+            "progress=off",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"teacher_store={tmp_path / 'teachers'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"cannot find {tmp_path / 'nowhere' / 'cifar-10-batches-py' / 'data_batch_1'}" in proc.stderr

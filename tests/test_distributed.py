@@ -24,13 +24,30 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     store = tmp_path / "teachers"
-    common = ["epochs=2", "teacher_train.epochs=1", "baseline=false", "progress=off", "mode=combined",
-              f"teacher_store={store}"]
+    common = [
+        "epochs=2",
+        "teacher_train.epochs=1",
+        "baseline=false",
+        "progress=off",
+        "mode=combined",
+        f"teacher_store={store}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     # No hydra.run.dir: the ranks must agree on one timestamped run dir by themselves.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "kdtrain", *common, "batch_size=32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "kdtrain",
+        *common,
+        "batch_size=32",
+    ]
     ddp = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     run_dirs = [p for p in (tmp_path / "outputs" / "runs").glob("*/*") if p.is_dir()]

@@ -46,7 +46,9 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("teacher, student, in_shape, t_path, s_path, kind", PAIRS, ids=[f"{p[0]}->{p[1]}" for p in PAIRS])
+@pytest.mark.parametrize(
+    "teacher, student, in_shape, t_path, s_path, kind", PAIRS, ids=[f"{p[0]}->{p[1]}" for p in PAIRS]
+)
 def test_heterogeneous_pairs_train(teacher, student, in_shape, t_path, s_path, kind):
     t_kw = {"arch": "resnet18"} if teacher == "torchvision" else None
     s_kw = {"arch": "mobilenet_v3_small"} if student == "torchvision" else None
@@ -69,7 +71,9 @@ def test_heterogeneous_pairs_train(teacher, student, in_shape, t_path, s_path, k
 def test_every_loss_and_alignment(loss, align):
     t, s = _models("resnet20", "resnet8", (3, 16, 16))
     # layer1 of the student (16 ch, 16x16) against layer2 of the teacher (32 ch, 8x8): channels and size differ.
-    distiller = FeatureDistiller(s, t, [Pair("layer1", "layer2")], (3, 16, 16), torch.device("cpu"), loss=loss, align=align)
+    distiller = FeatureDistiller(
+        s, t, [Pair("layer1", "layer2")], (3, 16, 16), torch.device("cpu"), loss=loss, align=align
+    )
     assert (len(list(distiller.parameters())) == 0) == (loss == "at")  # attention transfer needs no adapter
     losses = _train_steps(s, t, distiller, (3, 16, 16), steps=4)
     assert losses[-1] < losses[0]
@@ -85,8 +89,12 @@ def test_parse_pairs_forms():
     from omegaconf import OmegaConf
 
     assert parse_pairs(OmegaConf.create({"pairs": [], "student": None, "teacher": None})) == [Pair("auto", "auto")]
-    assert parse_pairs(OmegaConf.create({"pairs": [], "student": "layer3", "teacher": "layer2"})) == [Pair("layer3", "layer2")]
-    many = OmegaConf.create({"pairs": [{"student": "a", "teacher": "b", "weight": 2}, {"student": "c", "teacher": "d"}]})
+    assert parse_pairs(OmegaConf.create({"pairs": [], "student": "layer3", "teacher": "layer2"})) == [
+        Pair("layer3", "layer2")
+    ]
+    many = OmegaConf.create(
+        {"pairs": [{"student": "a", "teacher": "b", "weight": 2}, {"student": "c", "teacher": "d"}]}
+    )
     assert parse_pairs(many) == [Pair("a", "b", 2.0), Pair("c", "d", 1.0)]
     with pytest.raises(UserError):
         parse_pairs(OmegaConf.create({"pairs": [{"student": "a"}]}))
@@ -103,8 +111,15 @@ def test_hooks_keep_nothing_after_the_step():
 
 
 def test_run_with_layer_pairs_and_two_stages(compose, tmp_path):
-    cfg = compose("mode=feature", "epochs=3", "feature.hint_epochs=1", "baseline=false", "student=cnn",
-                  "feature.student=features.3", "feature.teacher=features.3")
+    cfg = compose(
+        "mode=feature",
+        "epochs=3",
+        "feature.hint_epochs=1",
+        "baseline=false",
+        "student=cnn",
+        "feature.student=features.3",
+        "feature.teacher=features.3",
+    )
     run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Stage 1: the loss is the hint term alone; from epoch 2 the mode's loss (CE + alpha * FEAT).
@@ -125,12 +140,30 @@ def test_hint_stage_leaves_the_classifier_alone(compose):
     splits = build_dataset(cfg.dataset)
     t, s = _models("cnn", "cnn", (1, 8, 8), student_kw={"width": 8, "hidden": 32})
     distiller = FeatureDistiller(s, t, [Pair("features.3", "features.3")], (1, 8, 8), torch.device("cpu"))
-    spec = FitSpec(epochs=2, batch_size=64, lr=0.05, seed=0, optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                   weights={"ce": 1.0, "kd": 0.0, "feat": 1.0}, progress="off", hint_epochs=1)
+    spec = FitSpec(
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        seed=0,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        weights={"ce": 1.0, "kd": 0.0, "feat": 1.0},
+        progress="off",
+        hint_epochs=1,
+    )
     before = s.fc.weight.detach().clone()
     after: list[torch.Tensor] = []
-    fit(s, splits.train, splits.val, spec, torch.device("cpu"), None, teacher=t, features=distiller,
-        on_epoch=lambda row: after.append(s.fc.weight.detach().clone()))
+    fit(
+        s,
+        splits.train,
+        splits.val,
+        spec,
+        torch.device("cpu"),
+        None,
+        teacher=t,
+        features=distiller,
+        on_epoch=lambda row: after.append(s.fc.weight.detach().clone()),
+    )
     assert torch.equal(after[0], before)  # stage 1: no gradient and no weight decay past the guided layer
     assert not torch.equal(after[1], before)  # stage 2: the mode's loss trains the classifier
 

@@ -32,7 +32,12 @@ def test_student_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "student=resnet20" in out
     assert "cifar10: 10 classes, input (3, 32, 32)" in out
-    for path, shape in (("conv1", "1x16x32x32"), ("layer2.0.conv1", "1x32x16x16"), ("layer3.2.bn2", "1x64x8x8"), ("fc", "1x10")):
+    for path, shape in (
+        ("conv1", "1x16x32x32"),
+        ("layer2.0.conv1", "1x32x16x16"),
+        ("layer3.2.bn2", "1x64x8x8"),
+        ("fc", "1x10"),
+    ):
         line = next(line for line in out.splitlines() if f" {path} " in line)
         assert shape in line, line
     assert "│    432 │" in out  # conv1's own parameters: 3 * 16 * 3 * 3
@@ -56,11 +61,14 @@ def test_imagefolder_classes_from_folders(tmp_path: Path, capsys: pytest.Capture
     assert "imagefolder: 4 classes, input (1, 24, 24)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["student=resnt20"], "student=resnt20 is not a known option (did you mean resnet20"),
-    (["--depth", "3"], "--depth is not an option of kdtrain-inspect"),
-    (["dataset=imagefolder"], "set dataset.root=PATH"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["student=resnt20"], "student=resnt20 is not a known option (did you mean resnet20"),
+        (["--depth", "3"], "--depth is not an option of kdtrain-inspect"),
+        (["dataset=imagefolder"], "set dataset.root=PATH"),
+    ],
+)
 def test_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -73,13 +81,23 @@ def test_entry_point(tmp_path: Path) -> None:
     exe = shutil.which("kdtrain-inspect")
     cmd = [exe] if exe else [sys.executable, "-m", "kdtrain.inspect"]
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([*cmd, "student=wrn_16_2", "dataset=cifar100"], check=False, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [*cmd, "student=wrn_16_2", "dataset=cifar100"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cifar100: 100 classes, input (3, 32, 32)" in proc.stdout and "WideResNet" in proc.stdout
 
 
 RECIPES = {
-    ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"),
+    ("resnet32x4", "resnet8x4"),
+    ("wrn_40_2", "wrn_16_2"),
+    ("resnet56", "resnet20"),
 }
 
 
@@ -94,9 +112,19 @@ def test_recipes(teacher: str, student: str, method: str) -> None:
     assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == (teacher, student, "cifar100")
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.baseline) == (240, 0.05, 64, False)
     assert (cfg.optimizer.name, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == ("sgd", 0.9, 5e-4)
-    assert (cfg.scheduler.name, list(cfg.scheduler.milestones), cfg.scheduler.gamma) == ("multistep", [150, 180, 210], 0.1)
+    assert (cfg.scheduler.name, list(cfg.scheduler.milestones), cfg.scheduler.gamma) == (
+        "multistep",
+        [150, 180, 210],
+        0.1,
+    )
     t = cfg.teacher_train
-    assert (t.epochs, t.lr, t.batch_size, t.scheduler.name, list(t.scheduler.milestones)) == (240, 0.05, 64, "multistep", [150, 180, 210])
+    assert (t.epochs, t.lr, t.batch_size, t.scheduler.name, list(t.scheduler.milestones)) == (
+        240,
+        0.05,
+        64,
+        "multistep",
+        [150, 180, 210],
+    )
     assert cfg.dataset.augment is True and cfg.temperature == 4.0
     if method == "kd":
         assert (cfg.mode.value, cfg.ce_weight, cfg.kd_weight) == ("soft", 0.1, 0.9)

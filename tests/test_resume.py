@@ -56,8 +56,14 @@ def scripted_reference(tmp_path_factory, store) -> Path:
 
 
 def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, store, compose):
-    args = ["epochs=3", "teacher_train.epochs=1", "progress=off", "baseline=false", "student.dropout=0.3",
-            f"teacher_store={store}"]
+    args = [
+        "epochs=3",
+        "teacher_train.epochs=1",
+        "progress=off",
+        "baseline=false",
+        "student.dropout=0.3",
+        f"teacher_store={store}",
+    ]
     reference = tmp_path / "reference"
     run(compose(*args), reference)
 
@@ -80,11 +86,14 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path
     assert "resuming from" in (run_dir / "kdtrain.log").read_text()
 
 
-@pytest.mark.parametrize("signame, signal_at, epoch, partial",
-                         [("SIGTERM", 7, 0, 7), ("SIGTERM", 29, 1, 8), ("SIGINT", 29, 1, 8), ("SIGTERM", 21, 1, None)],
-                         ids=["mid-epoch-1", "mid-epoch-2", "sigint-mid-epoch-2", "last-step-of-epoch-1"])
-def test_a_signal_saves_and_resume_continues_exactly(tmp_path, compose, monkeypatch, scripted_reference,
-                                                     signame, signal_at, epoch, partial):
+@pytest.mark.parametrize(
+    "signame, signal_at, epoch, partial",
+    [("SIGTERM", 7, 0, 7), ("SIGTERM", 29, 1, 8), ("SIGINT", 29, 1, 8), ("SIGTERM", 21, 1, None)],
+    ids=["mid-epoch-1", "mid-epoch-2", "sigint-mid-epoch-2", "last-step-of-epoch-1"],
+)
+def test_a_signal_saves_and_resume_continues_exactly(
+    tmp_path, compose, monkeypatch, scripted_reference, signame, signal_at, epoch, partial
+):
     monkeypatch.setenv("KDTRAIN_TEST_SIGNAL_AT", str(signal_at))  # 21 steps per epoch
     monkeypatch.setenv("KDTRAIN_TEST_SIGNAL", signame)
     with stop_on_signals(), pytest.raises(Interrupted) as stopped:
@@ -105,8 +114,14 @@ def test_sigterm_from_outside_prints_the_resume_command(tmp_path, store, scripte
     args = [*SCRIPTED, "teacher_train.epochs=1", "progress=off", f"teacher_store={store}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "KDTRAIN_TEST_SLEEP": "0.02", "PYTHONPATH": str(ROOT)}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kdtrain", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdtrain", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

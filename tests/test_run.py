@@ -68,7 +68,10 @@ def test_same_seed_gives_identical_metrics(compose, tmp_path):
         run(compose("mode=combined", "baseline=false"), tmp_path / name)
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("samples_per_sec", "epoch_seconds")} for r in rows]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in json.loads(r).items() if k not in ("samples_per_sec", "epoch_seconds")} for r in rows]
+
     assert strip(a) == strip(b)
     wa, wb = (load_file(tmp_path / name / "student.safetensors") for name in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical weights, not just equal metrics
@@ -93,12 +96,22 @@ def test_run_refuses_to_overwrite_a_finished_run(compose, tmp_path):
 
 def test_cli_end_to_end(tmp_path, store):
     run_dir = tmp_path / "run"
-    result = run_cli("epochs=2", "teacher_train.epochs=1", f"teacher_store={store}", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path)
+    result = run_cli(
+        "epochs=2", "teacher_train.epochs=1", f"teacher_store={store}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "Distillation gain over the student alone" in result.stdout
-    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "student.safetensors", "kdtrain.log",
-                 "checkpoints/last.pt", "checkpoints/best.pt", ".hydra/config.yaml", "baseline/metrics.jsonl"):
+    for name in (
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "student.safetensors",
+        "kdtrain.log",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        ".hydra/config.yaml",
+        "baseline/metrics.jsonl",
+    ):
         assert (run_dir / name).exists(), name
     log_text = (run_dir / "kdtrain.log").read_text()
     assert "student epoch 2/2" in log_text and "\r" not in log_text  # plain lines, no progress-bar debris

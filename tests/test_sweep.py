@@ -15,8 +15,16 @@ import pytest
 from kdtrain.sweep import config_of, mean_std
 from tests.conftest import run_cli
 
-SWEEP = ["--multirun", "mode=soft,none", "temperature=2,4", "seed=0,1", "epochs=1", "teacher_train.epochs=1",
-         "baseline=false", "progress=off"]
+SWEEP = [
+    "--multirun",
+    "mode=soft,none",
+    "temperature=2,4",
+    "seed=0,1",
+    "epochs=1",
+    "teacher_train.epochs=1",
+    "baseline=false",
+    "progress=off",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,7 @@ def test_summary_matches_a_hand_computation_from_the_runs(sweep):
         last = [s["student"]["last_val_acc"] for s in runs]
         assert row["n"] == 2 and row["failed"] == 0 and row["seeds"] == [0, 1]
         assert row["best_mean"] == pytest.approx(sum(best) / 2)
-        assert row["best_std"] == pytest.approx(abs(best[0] - best[1]) / 2 ** 0.5)  # sample std, ddof=1
+        assert row["best_std"] == pytest.approx(abs(best[0] - best[1]) / 2**0.5)  # sample std, ddof=1
         assert row["last_mean"] == pytest.approx(sum(last) / 2)
         assert row["last_std"] == pytest.approx(statistics.stdev(last))
         assert row["seconds_mean"] == pytest.approx(sum(s["seconds"] for s in runs) / 2)
@@ -123,8 +131,17 @@ def test_report_on_run_dirs_and_a_wrong_dir(sweep, tmp_path):
 def test_a_failed_job_still_leaves_the_summary_files(tmp_path, sweep):
     """Hydra skips on_multirun_end when a job raised: the files written after each job still hold every job."""
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("--multirun", "batch_size=32,5000", "epochs=1", "teacher_train.epochs=1", "baseline=false",
-                     "progress=off", f"hydra.sweep.dir={sweep_dir}", f"teacher_store={sweep[1]}", cwd=tmp_path)
+    result = run_cli(
+        "--multirun",
+        "batch_size=32,5000",
+        "epochs=1",
+        "teacher_train.epochs=1",
+        "baseline=false",
+        "progress=off",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"teacher_store={sweep[1]}",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0  # the second job is refused (batch larger than the training set)
     data = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert [r["n"] for r in data["rows"] if r["n"]] == [1]
@@ -135,4 +152,7 @@ def test_mean_std_is_the_sample_std():
     assert mean_std([0.5]) == (0.5, None)
     mean, std = mean_std([0.1, 0.2, 0.6])
     assert mean == pytest.approx(0.3) and std == pytest.approx(statistics.stdev([0.1, 0.2, 0.6]))
-    assert config_of(["seed=3", "hydra.run.dir=x", "+teacher.width=2", "mode=soft"]) == {"mode": "soft", "teacher.width": "2"}
+    assert config_of(["seed=3", "hydra.run.dir=x", "+teacher.width=2", "mode=soft"]) == {
+        "mode": "soft",
+        "teacher.width": "2",
+    }

@@ -45,8 +45,16 @@ def _direct(teacher: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[torc
 
 
 def _identity(teacher: nn.Module, data: TensorSet, **changes) -> dict:
-    args = {"dataset_cfg": DATASET, "amp_dtype": None, "feature_paths": PATHS, "dtype": "float32", "topk": None,
-            "temperature": 4.0, "views": 0, "augment": None}
+    args = {
+        "dataset_cfg": DATASET,
+        "amp_dtype": None,
+        "feature_paths": PATHS,
+        "dtype": "float32",
+        "topk": None,
+        "temperature": 4.0,
+        "views": 0,
+        "augment": None,
+    }
     args.update(changes)
     return cache_identity(teacher, data, **args)
 
@@ -97,8 +105,16 @@ def test_key_changes_with_teacher_weights_layers_data_and_storage() -> None:
 
 
 def _obtain_args(teacher: nn.Module, data: TensorSet, cache_dir: Path, paths: list[str]) -> dict:
-    return {"teacher": teacher, "train": data, "num_classes": 10, "dataset_cfg": DATASET, "cache_dir": cache_dir,
-            "device": CPU, "amp_dtype": None, "feature_paths": paths}
+    return {
+        "teacher": teacher,
+        "train": data,
+        "num_classes": 10,
+        "dataset_cfg": DATASET,
+        "cache_dir": cache_dir,
+        "device": CPU,
+        "amp_dtype": None,
+        "feature_paths": paths,
+    }
 
 
 def test_corrupt_cache_is_rejected_and_obtain_rebuilds_it(tmp_path: Path, caplog) -> None:
@@ -150,7 +166,9 @@ def _reconstruct(logits: torch.Tensor, k: int, temperature: float) -> torch.Tens
         def forward(self, i: torch.Tensor) -> torch.Tensor:
             return logits[i.flatten().long()]
 
-    data = TensorSet(torch.arange(len(logits), dtype=torch.float32).view(-1, 1, 1, 1), torch.zeros(len(logits), dtype=torch.long))
+    data = TensorSet(
+        torch.arange(len(logits), dtype=torch.float32).view(-1, 1, 1, 1), torch.zeros(len(logits), dtype=torch.long)
+    )
     cache = TeacherCache.build(Head(), data, CPU, None, topk=k, temperature=temperature, batch_size=64)
     assert cache.logits is None and cache.topk_values.shape == (len(logits), k)
     return cache.lookup(torch.arange(len(logits)))[0]
@@ -228,7 +246,11 @@ def _losses(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("mode", ["soft", "combined"])
 def test_cached_and_uncached_training_give_the_same_losses(compose, tmp_path, caplog, mode) -> None:
     caplog.set_level(logging.INFO, logger="kdtrain")
-    extra = ["feature.pairs=[{student: auto, teacher: auto}, {student: auto, teacher: features.1}]"] if mode == "combined" else []
+    extra = (
+        ["feature.pairs=[{student: auto, teacher: auto}, {student: auto, teacher: features.1}]"]
+        if mode == "combined"
+        else []
+    )
     run(compose(f"mode={mode}", "baseline=false", "teacher_cache=off", *extra), tmp_path / "off")
     assert "teacher cache" not in caplog.text
     run(compose(f"mode={mode}", "baseline=false", *extra), tmp_path / "auto")  # the default: auto
@@ -264,20 +286,32 @@ def test_augmented_data_runs_the_teacher_or_replays_cached_views(compose, tmp_pa
     run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "epochs=1"), tmp_path / "auto")
     assert "randomly augmented so the teacher runs every step" in caplog.text
     caplog.clear()
-    run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "epochs=1", "teacher_cache_views=2",
-                "mode=combined"), tmp_path / "views")
+    run(
+        compose(
+            "dataset=fake",
+            "dataset.augment=true",
+            "baseline=false",
+            "epochs=1",
+            "teacher_cache_views=2",
+            "mode=combined",
+        ),
+        tmp_path / "views",
+    )
     assert "x 2 views computed once" in caplog.text
     assert json.loads((tmp_path / "views" / "summary.json").read_text())["teacher_cache"]["views"] == 2
     with pytest.raises(UserError, match="teacher_cache=memory needs deterministic training inputs"):
         run(compose("dataset=fake", "dataset.augment=true", "baseline=false", "teacher_cache=memory"), tmp_path / "m")
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("teacher_cache_topk=0", "teacher_cache_topk=0 is out of range"),
-    ("teacher_cache_views=-1", "teacher_cache_views=-1 is out of range"),
-    ("teacher_cache_views=2", "teacher_cache_views=2 caches augmented views, but"),
-    ("teacher_cache_topk=10", "teacher_cache_topk=10 is out of range for 10 classes"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teacher_cache_topk=0", "teacher_cache_topk=0 is out of range"),
+        ("teacher_cache_views=-1", "teacher_cache_views=-1 is out of range"),
+        ("teacher_cache_views=2", "teacher_cache_views=2 caches augmented views, but"),
+        ("teacher_cache_topk=10", "teacher_cache_topk=10 is out of range for 10 classes"),
+    ],
+)
 def test_bad_cache_settings_are_user_errors(compose, tmp_path, override, message) -> None:
     with pytest.raises(UserError, match=message):
         run(compose("baseline=false", override), tmp_path)
@@ -303,7 +337,10 @@ def test_compile_checkpoints_hold_the_uncompiled_weights(compose, tmp_path) -> N
 @pytest.mark.gpu
 def test_cuda_run_with_cache_channels_last_and_bf16(compose, tmp_path) -> None:
     """On CUDA: a conv student in channels_last, bf16 autocast, the cache built under the same autocast."""
-    run(compose("baseline=false", "device=cuda", "amp=bf16", "student=cnn", "student.width=8", "teacher_cache=off"), tmp_path / "off")
+    run(
+        compose("baseline=false", "device=cuda", "amp=bf16", "student=cnn", "student.width=8", "teacher_cache=off"),
+        tmp_path / "off",
+    )
     run(compose("baseline=false", "device=cuda", "amp=bf16", "student=cnn", "student.width=8"), tmp_path / "on")
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     for a, b in zip(off, on):

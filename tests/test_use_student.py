@@ -19,8 +19,18 @@ from kdtrain.errors import UserError
 def run_dir(tmp_path_factory) -> Path:
     """A finished digits run (2 epochs, teacher 2 epochs, no baseline): a few seconds on a CPU."""
     tmp = tmp_path_factory.mktemp("use_student")
-    cmd = [sys.executable, "-m", "kdtrain", "epochs=2", "teacher_train.epochs=2", "baseline=false", "progress=off",
-           "device=cpu", f"hydra.run.dir={tmp / 'run'}", f"teacher_store={tmp / 'teachers'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdtrain",
+        "epochs=2",
+        "teacher_train.epochs=2",
+        "baseline=false",
+        "progress=off",
+        "device=cpu",
+        f"hydra.run.dir={tmp / 'run'}",
+        f"teacher_store={tmp / 'teachers'}",
+    ]
     done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return tmp / "run"
@@ -184,7 +194,9 @@ def test_predict_with_exports_gives_the_same_csv(run_dir: Path, exported: Path, 
     for i, model in enumerate(models):
         out = tmp_path / f"{i}.csv"
         main([str(model), str(folder), "--out", str(out)])
-        outputs.append([(r["path"], r["pred"], r["class"], round(float(r["prob"]), 4)) for r in csv.DictReader(out.open())])
+        outputs.append(
+            [(r["path"], r["pred"], r["class"], round(float(r["prob"]), 4)) for r in csv.DictReader(out.open())]
+        )
     assert all(o == outputs[0] for o in outputs[1:])
 
 
@@ -200,8 +212,13 @@ def test_corrupt_safetensors_exits_2_with_one_line(run_dir: Path, images, tmp_pa
     folder, _ = images
     bad = tmp_path / "student.safetensors"
     bad.write_bytes((run_dir / "student.safetensors").read_bytes()[:100])
-    done = subprocess.run([sys.executable, "-m", "kdtrain.predict", str(bad), str(folder), "--out", str(tmp_path / "p.csv")],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdtrain.predict", str(bad), str(folder), "--out", str(tmp_path / "p.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdtrain: error: ") and "corrupt" in lines[0]

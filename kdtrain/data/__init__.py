@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -42,7 +41,7 @@ class Splits:
     mean: list[float]
     std: list[float]
     # Random augmentation applied to each training batch on the device (e.g. crop + flip); None: none.
-    augment: Optional[Callable[[Tensor], Tensor]] = None
+    augment: Callable[[Tensor], Tensor] | None = None
 
 
 Builder = Callable[[DictConfig], Splits]
@@ -85,7 +84,9 @@ def make_transfer_set(train: TensorSet, num_classes: int, cfg: DictConfig) -> tu
     excluded = [int(c) for c in cfg.exclude_classes]
     bad = [c for c in excluded if not 0 <= c < num_classes]
     if bad:
-        raise UserError(f"dataset.exclude_classes holds {bad[0]}, not a class of {cfg.name}; classes are 0..{num_classes - 1}")
+        raise UserError(
+            f"dataset.exclude_classes holds {bad[0]}, not a class of {cfg.name}; classes are 0..{num_classes - 1}"
+        )
     if len(excluded) >= num_classes:
         raise UserError("dataset.exclude_classes hides every class; leave at least one")
     labelled = torch.ones(len(y), dtype=torch.bool)

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 
-def crop_flip_at(x: Tensor, pad: int, dy: Tensor, dx: Tensor, flips: Tensor | None, fill: Tensor | None = None) -> Tensor:
+def crop_flip_at(
+    x: Tensor, pad: int, dy: Tensor, dx: Tensor, flips: Tensor | None, fill: Tensor | None = None
+) -> Tensor:
     """Each sample i of `x` (B, C, H, W) cropped back to H x W from a `pad`-padded copy at offset
     (dy[i], dx[i]) in [0, 2 * pad], and mirrored left-right where `flips[i]` is true (None: no flip).
     `fill` (C,) is the padding value."""

@@ -48,7 +48,10 @@ def to_normalised(x: Tensor, size: int, mean: list[float], std: list[float]) -> 
 
 def check_labels(y: Tensor, num_classes: int, where: str) -> None:
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise UserError(f"{where} holds label {int(y.min()) if int(y.min()) < 0 else int(y.max())}, outside 0..{num_classes - 1}; the file is corrupt: replace it")
+        raise UserError(
+            f"{where} holds label {int(y.min()) if int(y.min()) < 0 else int(y.max())}, outside "
+            f"0..{num_classes - 1}; the file is corrupt: replace it"
+        )
 
 
 def make_splits(

@@ -64,10 +64,15 @@ def _files(split_dir: Path, classes: list[str], require_each: bool) -> list[tupl
     out: list[tuple[Path, int]] = []
     for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name not in index:
-            raise UserError(f"{folder} is a class that {split_dir.parent / 'train'} lacks; every val/ class needs a train/ folder of the same name")
+            raise UserError(
+                f"{folder} is a class that {split_dir.parent / 'train'} lacks; every val/ class needs a train/ "
+                "folder of the same name"
+            )
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(extensions))
         if require_each and not files:
-            raise UserError(f"{folder} holds no images ({', '.join(extensions[:4])}, ...); add some or remove the folder")
+            raise UserError(
+                f"{folder} holds no images ({', '.join(extensions[:4])}, ...); add some or remove the folder"
+            )
         out += [(p, index[folder.name]) for p in files]
     if not out:
         raise UserError(f"{split_dir} holds no images; put each class's images in {split_dir.name}/<class>/")
@@ -89,7 +94,9 @@ def _load(path: Path, size: int) -> tuple[np.ndarray, bool]:
             img = img.crop((left, top, left + size, top + size))
             return np.asarray(img, dtype=np.uint8), gray
     except READ_ERRORS as e:
-        raise UserError(f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it") from None
+        raise UserError(
+            f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it"
+        ) from None
 
 
 def _stack(arrays: list[np.ndarray], channels: int) -> torch.Tensor:
@@ -131,7 +138,9 @@ def _imagefolder_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
                 with Image.open(path) as img:
                     mode = img.mode
             except READ_ERRORS as e:
-                raise UserError(f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it") from None
+                raise UserError(
+                    f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it"
+                ) from None
             if mode not in GRAY_MODES:
                 channels = 3
                 break

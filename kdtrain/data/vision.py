@@ -76,14 +76,19 @@ def _mnist_like(cfg: DictConfig, folder: str, mean: list[float], std: list[float
     try:
         parts = [cls(str(root), train=train) for train in (True, False)]
     except (AssertionError, KeyError, IndexError, ValueError, RuntimeError, OSError) as e:  # malformed IDX file
-        raise UserError(f"dataset={cfg.name}: the IDX files in {raw} cannot be read ({_first_line(e)}); replace them") from None
+        raise UserError(
+            f"dataset={cfg.name}: the IDX files in {raw} cannot be read ({_first_line(e)}); replace them"
+        ) from None
     size = image_size(cfg, 28)
     sets = []
     for part, split in zip(parts, ("train", "t10k")):
         y = part.targets.long()
         check_labels(y, 10, str(raw / f"{split}-labels-idx1-ubyte"))
         if len(y) != len(part.data):
-            raise UserError(f"dataset={cfg.name}: {raw} holds {len(part.data)} {split} images but {len(y)} labels; replace the files")
+            raise UserError(
+                f"dataset={cfg.name}: {raw} holds {len(part.data)} {split} images but {len(y)} labels; replace "
+                "the files"
+            )
         sets.append(TensorSet(to_normalised(part.data.unsqueeze(1), size, mean, std), y))
     return make_splits(cfg, sets[0], sets[1], 10, mean, std, pad=2, flip=False)  # digits are not mirror-symmetric
 
@@ -107,6 +112,7 @@ def _mnist_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
 
 # --- CIFAR --------------------------------------------------------------------------------------
 
+
 def _numpy_global(module: str, name: str) -> Any:
     for prefix in ("numpy._core", "numpy.core"):  # numpy 2 moved numpy.core to numpy._core
         try:
@@ -125,8 +131,11 @@ def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     reconstruct = _numpy_global("multiarray", "_reconstruct")
     frombuffer = _numpy_global("numeric", "_frombuffer")
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                           ("_codecs", "encode"): _latin1_encode}
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
     for prefix in ("numpy.core", "numpy._core"):
         allowed[(f"{prefix}.multiarray", "_reconstruct")] = reconstruct
         allowed[(f"{prefix}.numeric", "_frombuffer")] = frombuffer
@@ -150,21 +159,46 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     try:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise UserError(f"{path} is not a readable CIFAR python batch ({_first_line(e)}); replace it with the official file") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+    ) as e:
+        raise UserError(
+            f"{path} is not a readable CIFAR python batch ({_first_line(e)}); replace it with the official file"
+        ) from None
     data = entry.get("data") if isinstance(entry, dict) else None
     labels = entry.get(label_key) if isinstance(entry, dict) else None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
-        raise UserError(f"{path} holds no uint8 'data' array of shape (N, 3072); replace it with the official CIFAR file")
+    if not (
+        isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32
+    ):
+        raise UserError(
+            f"{path} holds no uint8 'data' array of shape (N, 3072); replace it with the official CIFAR file"
+        )
     if not (isinstance(labels, list) and len(labels) == len(data) and all(type(v) is int for v in labels)):
-        raise UserError(f"{path} holds no list of {len(data)} int {label_key!r}; replace it with the official CIFAR file")
+        raise UserError(
+            f"{path} holds no list of {len(data)} int {label_key!r}; replace it with the official CIFAR file"
+        )
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 CIFAR = {
     # name: (folder, train files, test files, label key, classes, torchvision class name)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10, "CIFAR10"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        10,
+        "CIFAR10",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100, "CIFAR100"),
 }
 
@@ -235,10 +269,17 @@ def fake(cfg: DictConfig) -> Splits:
     mean, std = [0.5] * 3, [0.5] * 3
     sets = []
     for n, offset in ((FAKE_TRAIN, 0), (FAKE_VAL, FAKE_TRAIN)):  # distinct seeds: val images differ from train
-        data = FakeData(size=n, image_size=(3, size, size), num_classes=FAKE_CLASSES, random_offset=offset + int(cfg.split_seed) * 100_000)
+        data = FakeData(
+            size=n,
+            image_size=(3, size, size),
+            num_classes=FAKE_CLASSES,
+            random_offset=offset + int(cfg.split_seed) * 100_000,
+        )
         images, labels = zip(*(data[i] for i in range(n)))
         x = torch.stack([pil_to_tensor(img) for img in images])
-        sets.append(TensorSet(to_normalised(x, size, mean, std), torch.tensor([int(v) for v in labels], dtype=torch.int64)))
+        sets.append(
+            TensorSet(to_normalised(x, size, mean, std), torch.tensor([int(v) for v in labels], dtype=torch.int64))
+        )
     return make_splits(cfg, sets[0], sets[1], FAKE_CLASSES, mean, std, pad=4, flip=True)
 
 

@@ -78,12 +78,21 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], role: str, lab
             )
         default = params[key].default
         kind = type(default) if isinstance(default, (bool, int, float, str)) else None
-        ok = kind is None or isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        ok = (
+            kind is None
+            or isinstance(value, kind)
+            or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        )
         if not ok or (kind is int and isinstance(value, bool)):
-            raise UserError(f"{role}.{key}={value!r} is not accepted: model {label!r} expects type {kind.__name__} (default {default!r})")
+            raise UserError(
+                f"{role}.{key}={value!r} is not accepted: model {label!r} expects type {kind.__name__} (default "
+                f"{default!r})"
+            )
 
 
-def _construct(fn: Callable[..., nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], role: str, label: str) -> nn.Module:
+def _construct(
+    fn: Callable[..., nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], role: str, label: str
+) -> nn.Module:
     try:
         model = fn(*args, **kwargs)
     except UserError:

@@ -46,10 +46,14 @@ class MLP(nn.Module):
 
 
 @register("cnn")
-def cnn(num_classes: int, in_shape: tuple[int, int, int], width: int = 32, hidden: int = 128, dropout: float = 0.2) -> nn.Module:
+def cnn(
+    num_classes: int, in_shape: tuple[int, int, int], width: int = 32, hidden: int = 128, dropout: float = 0.2
+) -> nn.Module:
     return SmallCNN(num_classes, in_shape[0], width=width, hidden=hidden, dropout=dropout)
 
 
 @register("mlp")
-def mlp(num_classes: int, in_shape: tuple[int, int, int], hidden: int = 32, depth: int = 1, dropout: float = 0.0) -> nn.Module:
+def mlp(
+    num_classes: int, in_shape: tuple[int, int, int], hidden: int = 32, depth: int = 1, dropout: float = 0.0
+) -> nn.Module:
     return MLP(num_classes, math.prod(in_shape), hidden=hidden, depth=depth, dropout=dropout)

@@ -15,13 +15,19 @@ from kdtrain.models.tv import InputAdapter, check_channels, check_forward, close
 
 
 @register("timm")
-def timm_model(num_classes: int, in_shape: tuple[int, int, int], arch: str = "resnet18", pretrained: str | None = None) -> nn.Module:
+def timm_model(
+    num_classes: int, in_shape: tuple[int, int, int], arch: str = "resnet18", pretrained: str | None = None
+) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise UserError("model name timm needs the timm package, which is not installed: pip install 'kdtrain[timm]'") from None
+        raise UserError(
+            "model name timm needs the timm package, which is not installed: pip install 'kdtrain[timm]'"
+        ) from None
     if not timm.is_model(arch):
-        raise UserError(close_matches(arch, timm.list_models(), "a timm model") + "; timm.list_models() lists every name")
+        raise UserError(
+            close_matches(arch, timm.list_models(), "a timm model") + "; timm.list_models() lists every name"
+        )
     check_channels(in_shape)
     net = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=3)
     load_pretrained(net, pretrained, num_classes, arch, lookup=False)

@@ -48,7 +48,9 @@ class InputAdapter(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         h, w = x.shape[-2:]
         if h < self.min_size or w < self.min_size:
-            x = F.interpolate(x, size=(max(h, self.min_size), max(w, self.min_size)), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(max(h, self.min_size), max(w, self.min_size)), mode="bilinear", align_corners=False
+            )
         return self.net(x)
 
 
@@ -86,11 +88,16 @@ def load_backbone(model: nn.Module, state: dict[str, Tensor], num_classes: int, 
         if v.shape == own[k].shape:
             continue
         # A classifier for another number of classes differs in its first (output) dimension only.
-        is_head = v.ndim == own[k].ndim and v.ndim >= 1 and own[k].shape[0] == num_classes and v.shape[1:] == own[k].shape[1:]
+        is_head = (
+            v.ndim == own[k].ndim and v.ndim >= 1 and own[k].shape[0] == num_classes and v.shape[1:] == own[k].shape[1:]
+        )
         (head if is_head else wrong).append(k)
     if wrong:
         k = wrong[0]
-        raise UserError(f"pretrained={source} does not fit {arch}: {k} has shape {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model")
+        raise UserError(
+            f"pretrained={source} does not fit {arch}: {k} has shape {tuple(state[k].shape)} in the file but "
+            f"{tuple(own[k].shape)} in the model"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
 
 
@@ -111,12 +118,16 @@ def _weights_file(arch: str, pretrained: str) -> Path:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
         if not cached.is_file():
             raise UserError(
-                f"pretrained={pretrained} needs {cached} ({arch} {weights.name}) and kdtrain never downloads at run time: "
+                f"pretrained={pretrained} needs {cached} ({arch} {weights.name}) and kdtrain never downloads at "
+                "run time: "
                 f"save {weights.url} there, or give the path of a weights file"
             )
         return cached
     choices = ", ".join(["DEFAULT", *names]) if names else "none for this arch"
-    raise UserError(f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors), or a weights name of {arch} ({choices})")
+    raise UserError(
+        f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors), or "
+        f"a weights name of {arch} ({choices})"
+    )
 
 
 def load_pretrained(model: nn.Module, pretrained: object, num_classes: int, arch: str, lookup: bool = True) -> None:
@@ -124,13 +135,17 @@ def load_pretrained(model: nn.Module, pretrained: object, num_classes: int, arch
     if pretrained is None:
         return
     if not isinstance(pretrained, str) or not pretrained:
-        raise UserError(f"pretrained={pretrained!r} is not accepted: give DEFAULT, a weights name or a file path, or null")
+        raise UserError(
+            f"pretrained={pretrained!r} is not accepted: give DEFAULT, a weights name or a file path, or null"
+        )
     if lookup:
         path = _weights_file(arch, pretrained)
     else:
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise UserError(f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors)")
+            raise UserError(
+                f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors)"
+            )
     load_backbone(model, load_state_dict_file(path, "pretrained weights"), num_classes, path, arch)
 
 
@@ -143,7 +158,9 @@ def check_forward(model: nn.Module, in_shape: tuple[int, int, int], arch: str) -
         out = model(torch.zeros(1, *in_shape))
     except (RuntimeError, ValueError, AssertionError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"arch={arch} cannot run on inputs of shape {tuple(in_shape)} ({first}); set dataset.image_size (e.g. 224)") from None
+        raise UserError(
+            f"arch={arch} cannot run on inputs of shape {tuple(in_shape)} ({first}); set dataset.image_size (e.g. 224)"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(out, Tensor) or out.ndim != 2:
@@ -151,12 +168,17 @@ def check_forward(model: nn.Module, in_shape: tuple[int, int, int], arch: str) -
 
 
 @register("torchvision")
-def torchvision_model(num_classes: int, in_shape: tuple[int, int, int], arch: str = "resnet18", pretrained: str | None = None) -> nn.Module:
+def torchvision_model(
+    num_classes: int, in_shape: tuple[int, int, int], arch: str = "resnet18", pretrained: str | None = None
+) -> nn.Module:
     from torchvision import models
 
     names = models.list_models(module=models)
     if arch not in names:
-        raise UserError(close_matches(arch, names, "a torchvision classification model") + f"; choose one of torchvision.models.list_models() ({len(names)} names)")
+        raise UserError(
+            close_matches(arch, names, "a torchvision classification model")
+            + f"; choose one of torchvision.models.list_models() ({len(names)} names)"
+        )
     check_channels(in_shape)
     extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     net = models.get_model(arch, weights=None, num_classes=num_classes, **extra)
