@@ -30,7 +30,6 @@ from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
 
 CONFIG_MODULE = "kdtrain.conf"
-GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "experiment")
 # Flags after which Hydra prints something instead of running (no need to check overrides).
 PRINT_ONLY = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 # Flags that change where configs come from: let Hydra report on those itself.
@@ -74,8 +73,9 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _normalise(overrides: list[str]) -> list[str]:
-    # `experiment=NAME` reads naturally; the group is not in the defaults list, so Hydra wants `+`.
-    return ["+" + o if o.startswith("experiment=") else o for o in overrides]
+    # `experiment: null` is in the root defaults list, so `experiment=NAME` is the form; the `+experiment=NAME`
+    # that older command lines used would now fail in Hydra ("an item is already at 'experiment'").
+    return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
 def _group_options(group: str) -> list[str]:
