@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 import kdtrain
 from kdtrain.checkpoint import atomic_write
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, one_line_errors
 from kdtrain.predict import preprocessing_spec
-from kdtrain.rundir import build_splits, cli, load_student, open_run
+from kdtrain.rundir import build_splits, load_student, open_run
 
 TOOL = "kdtrain-export"
 FORMATS = ("torchscript", "onnx")
@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-@cli
+@one_line_errors(TOOL)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-export."""
     args = parse_args(argv)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdtrain.errors import UserError
-from kdtrain.rundir import cli, load_student, load_student_file, open_run, resolve_device
+from kdtrain.errors import UserError, one_line_errors
+from kdtrain.rundir import load_student, load_student_file, open_run, resolve_device
 
 TOOL = "kdtrain-predict"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -269,7 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@cli
+@one_line_errors(TOOL)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-predict."""
     args = parse_args(argv)

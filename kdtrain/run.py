@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, Logger, effective_weights, validate
+from kdtrain.config import Amp, Logger, effective_weights
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
@@ -107,9 +107,11 @@ def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[st
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
+    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy.
+
+    `cfg` has passed `config.validate` (the command line is checked before Hydra starts; call it yourself when
+    composing a config in code); what needs the data (sizes, classes) is checked here."""
     start = time.time()
-    validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = _resume(cfg, run_dir, config)
     if resume is not None and _finished(resume, cfg, run_dir):

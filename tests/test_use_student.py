@@ -129,7 +129,7 @@ def test_eval_rejects_a_bad_override_in_one_line(run_dir: Path, capsys):
     from kdtrain.evaluate import main
 
     code, err = _exit_code_and_stderr(capsys, main, [str(run_dir), "dataset.val_size=abc"])
-    assert code == 2 and err.count("\n") == 1 and err.startswith("kdtrain: error: dataset.val_size=abc")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kdtrain-eval: error: dataset.val_size=abc")
     code, err = _exit_code_and_stderr(capsys, main, [str(run_dir), "lr=0.1"])
     assert code == 2 and "not a dataset override" in err
 
@@ -221,5 +221,5 @@ def test_corrupt_safetensors_exits_2_with_one_line(run_dir: Path, images, tmp_pa
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdtrain: error: ") and "corrupt" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("kdtrain-predict: error: ") and "corrupt" in lines[0]
     assert not (tmp_path / "p.csv").exists()
