@@ -22,6 +22,7 @@ from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
+from kdtrain.rundir import class_names
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
 
@@ -217,6 +218,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "in_shape": list(splits.in_shape),
         "mean": splits.mean,
         "std": splits.std,
+        "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
     }
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
 
