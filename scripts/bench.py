@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cl:
         s.teacher.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # for every way from the start (fit turns it on for itself anyway)
     out: dict[str, Any] = {
         "name": name,
         "case": args.case,
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             if a in r and "student_alone" in r:
                 ratios[f"{a}_step_vs_student_alone_step"] = r[a] / r["student_alone"]  # time ratio
         out["ratios"] = ratios
-        eval_s = out.get("eval_seconds", 0.0)
+        eval_s = out.get("eval_seconds") or 0.0
         for v in out["results"].values():
             v["projected_minutes"] = out["recipe_epochs"] * (v["epoch_seconds"] + eval_s) / 60
 

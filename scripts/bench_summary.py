@@ -77,7 +77,7 @@ def notes(parts: dict[str, dict[str, Any]]) -> list[str]:
         for way, prof in part.get("profile", {}).items():
             busy = prof.get("device_busy_seconds")
             share = f", device busy {busy / prof['wall_seconds']:.0%} of the wall time" if busy is not None else ""
-            lines.append(f"{name}: top kernels of {way} over {prof['steps']} steps{share}:")
+            lines.append(f"{name}: top kernels (CPU: ops) of {way} over {prof['steps']} steps{share}:")
             lines += [
                 f"    {e['self_seconds'] * 1e3:9.2f} ms {e['count']:6d}x  {e['name'][:90]}" for e in prof["top"][:6]
             ]
