@@ -3,7 +3,10 @@
 #
 #   bash scripts/fetch_wheels.sh          # once, where pip reaches PyPI: fills the git-ignored .whl/
 #   bash scripts/bench_gpu.sh --dry-run   # here, on the CPU: offline install in a fresh venv + a tiny run
-#   bash scripts/bench_gpu.sh [OUT_DIR]   # on the GPU machine (device tool: carry .whl; OUT_DIR defaults to $OUT)
+#   bash scripts/bench_gpu.sh [OUT_DIR]   # on the GPU machine; OUT_DIR defaults to $OUT, else outputs/bench_gpu
+#
+# With this workplace's device tool: run(command="bash scripts/bench_gpu.sh", carry=[".whl"], timeout_s=560);
+# the table ends the output, and bench_gpu.json + bench_gpu.log come back from $OUT.
 #
 # The CIFAR-100 KD recipe's pair (resnet32x4 -> resnet8x4, batch 64, SGD, crop + flip on the device) on
 # 50,000 random 3x32x32 samples with 100 classes (scripts/bench.py --case cifar100_kd), one process per
@@ -16,10 +19,11 @@
 # Writes OUT_DIR/bench_gpu.json (every setting's results, combined) and OUT_DIR/bench_gpu.log (this output),
 # prints the table of what worked, and exits 1 if any setting failed (its status, time cap or a way in it).
 #
-# --dry-run does the same on the CPU with 16 samples in batches of 8 (2 steps an epoch), in a fresh venv that sees this
-# interpreter's packages (torch & co.) minus hydra-core, omegaconf, antlr4, PyYAML, packaging and safetensors,
-# and installs those from .whl/ with no index: it proves the wheels install offline and every setting's command
-# runs. It does not exercise torch.compile (minutes on a CPU); the compile setting runs on the GPU only.
+# --dry-run does the same on the CPU with 16 samples in batches of 8 (2 steps an epoch), in a fresh venv that
+# sees this interpreter's packages (torch & co.) minus hydra-core, omegaconf, antlr4, PyYAML, packaging and
+# safetensors, and installs those from .whl/ with no index: it proves the wheels install offline and every
+# setting's command runs. It does not exercise torch.compile (minutes on a CPU): the compile setting runs on
+# the GPU only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
