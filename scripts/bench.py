@@ -602,7 +602,8 @@ def print_table(out: dict[str, Any]) -> None:
                 f"{r['projected_minutes']:>9.1f} m"
             )
     if "cache_build_seconds" in out:
-        print(f"(the cache of {out['cache_views']} views was built once in {out['cache_build_seconds']:.2f} s)")
+        views = f"{out['cache_views']} views per sample" if out["cache_views"] else "no views: deterministic inputs"
+        print(f"(the teacher cache, {views}, was built once in {out['cache_build_seconds']:.2f} s)")
     print(
         f"(full run: {out['recipe_epochs']} epochs x (epoch + one evaluation of {out['val_samples']:,} samples, "
         f"{out.get('eval_seconds') or 0:.2f} s))"

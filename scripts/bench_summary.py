@@ -82,17 +82,17 @@ def notes(parts: dict[str, dict[str, Any]]) -> list[str]:
                 f"    {e['self_seconds'] * 1e3:9.2f} ms {e['count']:6d}x  {e['name'][:90]}" for e in prof["top"][:6]
             ]
     best = [
-        (r["projected_minutes"], name, way)
+        (r["projected_minutes"], name, way, part.get("device_name", "?"))
         for name, part in parts.items()
         for way, r in part.get("results", {}).items()
         if way in ("engine", "cached") and part.get("recipe_epochs") == 240
     ]
     if best:
-        minutes, name, way = min(best)
+        minutes, name, way, device = min(best)
         verdict = "meets" if minutes <= GOAL_MINUTES else "misses"
         lines.append(
-            f"fastest distillation: {name} / {way}, {minutes:.1f} min projected for 240 epochs "
-            f"({verdict} the {GOAL_MINUTES:g}-minute goal)"
+            f"fastest distillation on {device}: {name} / {way}, {minutes:.1f} min projected for 240 epochs "
+            f"({verdict} the {GOAL_MINUTES:g}-minute goal on one H200)"
         )
     return lines
 
