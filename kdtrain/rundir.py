@@ -333,8 +333,11 @@ def teacher_weights(run: Run) -> Path | None:
     else:
         from kdtrain.teacher import teacher_key
 
+        # The key covers the precision the teacher trained in: summary.json's, else each one amp allows.
+        amp = (run.summary or {}).get("amp")
         try:
-            candidates.append(Path(str(run.cfg.teacher_store)).expanduser() / teacher_key(run.cfg))
+            store = Path(str(run.cfg.teacher_store)).expanduser()
+            candidates += [store / teacher_key(run.cfg, a) for a in ([amp] if amp else ["off", "bfloat16", "float16"])]
         except (OmegaConfBaseException, KeyError, AttributeError):  # a config from another kdtrain version
             pass  # summary.json's source (above) is then the only lead
     for candidate in candidates:
