@@ -248,3 +248,14 @@ def test_two_processes_on_one_run_dir_and_the_lock_dies_with_its_process(tmp_pat
     again = run_cli(*args, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_sweep_job_whose_dir_is_in_use_writes_no_output(tmp_path, store):
+    """Sweep jobs (and runs in the default timestamped dir) take the lock when the job starts."""
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    with open(job / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = run_cli("--multirun", *TINY, f"teacher_store={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0")
+    assert done.returncode != 0 and f"{job} is in use by another kdtrain process" in done.stderr, done.stderr
+    assert not (job / "metrics.jsonl").exists() and not (job / "checkpoints").exists()
