@@ -11,7 +11,6 @@ run's config, a .safetensors file's metadata) unless the user trusts that file e
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable
@@ -20,39 +19,25 @@ from typing import Any
 from torch import nn
 
 from kdtrain.errors import UserError
+from kdtrain.registry import Registry
 
 Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
 
 # Config keys that are not constructor arguments.
 NON_MODEL_KEYS = {"name", "checkpoint", "weights", "_target_"}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Register `fn(num_classes, in_shape, **kwargs) -> nn.Module` under `name`."""
-
-    def wrap(fn: Builder) -> Builder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = fn
-        return fn
-
-    return wrap
-
-
 def _import_builtin_models() -> None:
     # Importing the modules runs their @register decorators.
-    from kdtrain.models import small, timm_models, tv  # noqa: F401
+    from kdtrain.models import cifar, small, timm_models, tv  # noqa: F401
 
-    try:
-        from kdtrain.models import cifar  # noqa: F401
-    except ImportError:  # pragma: no cover - the zoo is optional while it is being built
-        pass
+
+MODELS: Registry[Builder] = Registry("model", _import_builtin_models)
+register = MODELS.register  # @register("name"): fn(num_classes, in_shape, **kwargs) -> nn.Module
 
 
 def known_models() -> list[str]:
-    _import_builtin_models()
-    return sorted(MODELS) + ["custom"]
+    return MODELS.names(extra=["custom"])
 
 
 def _import_target(path: str, role: str) -> Callable[..., nn.Module]:
@@ -115,7 +100,6 @@ def resolve_builder(
 
     `from_file`: the file the config was read from, when it was (then a custom `_target_` is refused
     before anything is imported: a file is data, it never names code to run)."""
-    _import_builtin_models()
     if not isinstance(cfg, dict):
         where = f" in {from_file}" if from_file else ""
         raise UserError(f"the {role} model spec{where} is a {type(cfg).__name__}, not a mapping with a name")
@@ -133,11 +117,7 @@ def resolve_builder(
         fn = _import_target(str(target), role)
         _check_kwargs(fn, kwargs, role, str(target), {"num_classes", "in_shape"})
         return fn, kwargs, str(target), False
-    if name not in MODELS:
-        close = difflib.get_close_matches(str(name), known_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"{role}={name} is not a known model{hint}; known models: {', '.join(known_models())}")
-    fn = MODELS[name]
+    fn = MODELS.get(name, role, extra=["custom"])
     _check_kwargs(fn, kwargs, role, str(name), {"num_classes", "in_shape"})
     return fn, kwargs, str(name), True
 
