@@ -1,5 +1,68 @@
-"""The one exception type for mistakes a user can fix (bad config, missing file, corrupt checkpoint)."""
+"""The one exception type for mistakes a user can fix (bad config, missing file, corrupt checkpoint), and
+the write failures a user fixes on the machine (a full disk, a read-only folder)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
 
 
 class UserError(Exception):
     """Reported as one line on stderr, with a non-zero exit and no traceback."""
+
+
+class WriteError(UserError):
+    """A file could not be written because its file system is full or its folder is not writable."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
+# torch.save and safetensors report a failed write without an errno ("unexpected pos", "file write failed").
+WRITE_FAILED = ("No space left", "Disk quota", "unexpected pos", "write failed", "Read-only file system")
+LOW_SPACE = 1 << 20  # bytes: less than this left after a failed write means the file system is full
+
+
+def write_problem(e: BaseException, folder: Path) -> str | None:
+    """Why writing into `folder` failed, when the disk or the folder is to blame: "full" or "not writable";
+    None for any other error (a bug, to be raised as it is)."""
+    code = getattr(e, "errno", None)
+    if code in NO_SPACE:
+        return "full"
+    if code in NO_WRITE or "Read-only file system" in str(e) or "Permission denied" in str(e):
+        return "not writable"
+    if any(text in str(e) for text in WRITE_FAILED):
+        try:
+            if shutil.disk_usage(folder).free < LOW_SPACE:
+                return "full"
+        except OSError:
+            pass
+    return None
+
+
+def write_error(e: BaseException, path: Path) -> WriteError | None:
+    """The one-line WriteError for a failed write of `path` (naming it and what to do), or None (not a disk or
+    permission problem)."""
+    path = Path(path)
+    problem = write_problem(e, path.parent)
+    if problem == "full":
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
+        except OSError:
+            free = "no space left"
+        return WriteError(
+            f"cannot write {path}: its file system is full ({free}); free space there (or choose another folder) "
+            "and run again; files written before are intact",
+            path,
+        )
+    if problem == "not writable":
+        return WriteError(
+            f"cannot write {path}: {path.parent} is read-only or not writable for this user; make it writable "
+            "(or choose another folder) and run again",
+            path,
+        )
+    return None

@@ -8,15 +8,13 @@ each training their own.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ from torch import nn
 from kdtrain.checkpoint import atomic_write, load_into, load_state_dict_file, save_weights
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, WriteError, write_error
+from kdtrain.locks import file_lock
 from kdtrain.models import build_model, count_params
 
 log = logging.getLogger("kdtrain")
@@ -49,17 +48,6 @@ def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
 def teacher_key(cfg: DictConfig) -> str:
     blob = json.dumps(teacher_identity(cfg), sort_keys=True).encode()
     return f"{cfg.teacher.name}-{cfg.dataset.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def get_teacher(
@@ -85,16 +73,28 @@ def get_teacher(
 
 def _from_store(
     cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None
-) -> Path:
+) -> Path | str:
     store = Path(cfg.teacher_store).expanduser()
     folder = store / teacher_key(cfg)
     weights = folder / "teacher.safetensors"
-    with file_lock(store / f".{folder.name}.lock"):
+    lock = store / f".{folder.name}.lock"
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock, f"the stored teacher {folder.name}"))
+        except OSError as e:
+            error = write_error(e, lock)
+            if error is None:
+                raise
+            # A read-only store (a shared one, say): a stored teacher is complete (it is renamed into
+            # place whole), so reading it needs no lock; a teacher to train is kept in memory (below).
+            log.info("teacher: no lock (%s); going on without it", error)
         if weights.is_file():
             log.info("teacher: reusing %s (trained earlier with the same architecture, data and recipe)", folder)
         else:
             log.info("teacher: none stored for this config; training it once into %s", folder)
             _train_into(cfg, splits, model, device, amp_dtype, folder)
+            if not weights.is_file():
+                return f"{folder} (not stored: kept in memory for this run)"  # the model holds the weights
     load_into(model, load_state_dict_file(weights, "stored teacher"), "stored teacher", weights)
     return folder
 
@@ -133,17 +133,28 @@ def _train_into(
         on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})),
         augment=splits.augment,
     )
-    # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model.state_dict(), tmp / "teacher.safetensors")
-    (tmp / "metrics.jsonl").write_text("\n".join(rows) + "\n")
     meta = {
         **teacher_identity(cfg),
         "val_acc": result["last_val_acc"],
         "params": count_params(model),
         "seconds": time.time() - start,
     }
-    atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-    os.replace(tmp, folder)
+    # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(model.state_dict(), tmp / "teacher.safetensors")
+        atomic_write(tmp / "metrics.jsonl", lambda p: p.write_text("\n".join(rows) + "\n"))
+        atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        os.replace(tmp, folder)
+    except (OSError, WriteError) as e:
+        error = e if isinstance(e, WriteError) else write_error(e, tmp)
+        if error is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The teacher is trained: losing it to a full store would cost the whole training again.
+        log.warning(
+            "teacher: not stored (%s); this run goes on with it in memory, and the next run trains it again",
+            error,
+        )
