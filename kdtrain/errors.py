@@ -1,11 +1,16 @@
-"""The one exception type for mistakes a user can fix (bad config, missing file, corrupt checkpoint), and
-the write failures a user fixes on the machine (a full disk, a read-only folder)."""
+"""The one exception type for mistakes a user can fix (bad config, missing file, corrupt checkpoint), the
+write failures a user fixes on the machine (a full disk, a read-only folder), and the wrapper that turns
+them into one line for every command-line tool."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -66,3 +71,20 @@ def write_error(e: BaseException, path: Path) -> WriteError | None:
             path,
         )
     return None
+
+
+def one_line_errors(tool: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap an entry point: a UserError becomes `TOOL: error: MESSAGE` on stderr and exit status 2."""
+
+    def wrap(main: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(main)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except UserError as e:
+                print(f"{tool}: error: {e}", file=sys.stderr)
+                sys.exit(2)
+
+        return wrapped
+
+    return wrap
