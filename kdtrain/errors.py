@@ -27,16 +27,18 @@ class WriteError(UserError):
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
-# torch.save and safetensors report a failed write without an errno ("unexpected pos", "file write failed").
-WRITE_FAILED = ("No space left", "Disk quota", "unexpected pos", "write failed", "Read-only file system")
-LOW_SPACE = 1 << 20  # bytes: less than this left after a failed write means the file system is full
+# torch.save and safetensors report a failed write without an errno: in words, or (torch.save) only as
+# "unexpected pos" / "file write failed", which means a full disk when almost no space is left.
+NO_SPACE_WORDS = ("No space left", "Disk quota")
+WRITE_FAILED = ("unexpected pos", "write failed")
+LOW_SPACE = 1 << 20  # bytes
 
 
 def write_problem(e: BaseException, folder: Path) -> str | None:
     """Why writing into `folder` failed, when the disk or the folder is to blame: "full" or "not writable";
     None for any other error (a bug, to be raised as it is)."""
     code = getattr(e, "errno", None)
-    if code in NO_SPACE:
+    if code in NO_SPACE or any(words in str(e) for words in NO_SPACE_WORDS):
         return "full"
     if code in NO_WRITE or "Read-only file system" in str(e) or "Permission denied" in str(e):
         return "not writable"
@@ -56,7 +58,8 @@ def write_error(e: BaseException, path: Path) -> WriteError | None:
     problem = write_problem(e, path.parent)
     if problem == "full":
         try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
+            left = shutil.disk_usage(path.parent).free
+            free = f"{left / 2**20:.0f} MB free" if left >= 10 * 2**20 else f"{left / 2**10:.0f} KB free"
         except OSError:
             free = "no space left"
         return WriteError(
