@@ -25,7 +25,7 @@ from torch import nn
 from kdtrain.checkpoint import atomic_write, load_into, load_state_dict_file, save_weights
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
-from kdtrain.errors import UserError, WriteError, write_error
+from kdtrain.errors import UserError, WriteError, write_error, write_problem
 from kdtrain.locks import file_lock
 from kdtrain.models import build_model, count_params
 
@@ -82,12 +82,12 @@ def _from_store(
         try:
             held.enter_context(file_lock(lock, f"the stored teacher {folder.name}"))
         except OSError as e:
-            error = write_error(e, lock)
-            if error is None:
+            problem = write_problem(e, store)
+            if problem is None:
                 raise
-            # A read-only store (a shared one, say): a stored teacher is complete (it is renamed into
-            # place whole), so reading it needs no lock; a teacher to train is kept in memory (below).
-            log.info("teacher: no lock (%s); going on without it", error)
+            # A read-only (or full) store, a shared one say: a stored teacher is complete (it is renamed
+            # into place whole), so reading it needs no lock; a teacher to train is kept in memory (below).
+            log.info("teacher: the store %s is %s; using it without its lock", store, problem)
         if weights.is_file():
             log.info("teacher: reusing %s (trained earlier with the same architecture, data and recipe)", folder)
         else:
