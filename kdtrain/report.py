@@ -7,8 +7,9 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -67,7 +68,7 @@ class MetricsWriter:
         self._append(self.csv, lambda f: csv.writer(f).writerow(self._cells(values)))
 
     @staticmethod
-    def _append(path: Path, write: Any) -> None:
+    def _append(path: Path, write: Callable[[IO[str]], Any]) -> None:
         """Append one row; when the disk is full (or the folder read-only) cut the file back to its
         previous rows, so no torn row is left, and raise the one-line WriteError."""
         size = path.stat().st_size
