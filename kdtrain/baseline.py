@@ -132,7 +132,7 @@ def _train_into(
             log.warning("baseline: %s; training it again from the start", e)
             shutil.rmtree(partial, ignore_errors=True)
     if resume is None:
-        log.info("baseline: none stored for this student, data and recipe; training it once into %s", folder)
+        log.info("baseline: none stored for this student, data, recipe and seed; training it once into %s", folder)
     spec.checkpoint_dir = partial / "checkpoints"
     spec.checkpoint_extra = {"config": {"baseline": identity}}
     spec.distributed = False  # rank 0 alone, the others wait

@@ -105,7 +105,7 @@ def _pct(x: float | None) -> str:
 
 
 def _collapsed(entry: dict[str, Any]) -> str:
-    return " [collapsed]" if entry.get("collapsed") else ""
+    return " \\[collapsed]" if entry.get("collapsed") else ""  # escaped: brackets are rich markup
 
 
 def print_table(summary: dict[str, Any], console: Console | None = None) -> None:

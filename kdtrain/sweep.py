@@ -247,6 +247,7 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
     """The sweep table: teacher(s) first, then one row per configuration, best mean first."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -284,7 +285,8 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
         n = f"{r['n']}" + (f"+{r['failed']} failed" if r["failed"] else "")
         label = r["label"] + (" (alone)" if r["mode"] == "none" else "")
         if r["collapsed"]:  # flagged: these numbers come from a model that did not learn
-            label += " [collapsed: " + ", ".join(f"{role} {n}/{r['n']}" for role, n in r["collapsed"].items()) + "]"
+            roles = ", ".join(f"{role} {k}/{r['n']}" for role, k in r["collapsed"].items())
+            label += escape(f" [collapsed: {roles}]")  # brackets are rich markup otherwise
         gain = ["-" if r["gain_mean"] is None else f"{100 * r['gain_mean']:+.2f}"] if with_alone else []
         table.add_row(
             label,
