@@ -3,6 +3,7 @@ resumed exactly; collapse is reported."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import signal
@@ -20,7 +21,7 @@ from kdtrain.collapse import EPOCHS, chance_threshold, collapse_epoch
 from kdtrain.data import TensorSet, build_dataset
 from kdtrain.engine import STOP, Interrupted, fit
 from kdtrain.run import _spec, _student, run, seed_everything
-from kdtrain.sweep import print_sweep, summarise
+from kdtrain.sweep import print_sweep, summarise, write_files
 from tests._dataset_files import write_idx
 
 CPU = torch.device("cpu")
@@ -135,7 +136,7 @@ def test_collapse_at_an_absurd_lr_is_reported(compose, tmp_path, caplog):
     assert len(warnings) == 2 and all("learning rate" in w and "lr=1" in w for w in warnings)
 
 
-def test_the_sweep_table_flags_collapsed_jobs(capsys):
+def test_the_sweep_table_flags_collapsed_jobs(capsys, tmp_path):
     def job(seed, collapsed):
         acc = 0.1 if collapsed else 0.9
         entry = {"name": "mlp", "params": 10, "best_val_acc": acc, "last_val_acc": acc, "collapsed": collapsed}
@@ -154,6 +155,10 @@ def test_the_sweep_table_flags_collapsed_jobs(capsys):
     assert rows["lr=10"]["collapsed"] == {"student": 2} and rows["lr=0.05"]["collapsed"] == {}
     print_sweep(result, "t", console=Console(width=200))
     assert "[collapsed: student 2/2]" in capsys.readouterr().out
+    _, csv_path = write_files(result, tmp_path)
+    with open(csv_path) as f:
+        cells = {row["config"]: row["collapsed"] for row in csv.DictReader(f)}
+    assert cells == {"lr=10": "student=2", "lr=0.05": ""}
 
 
 MNIST_TRAIN_PER_CLASS = 130  # 1,300 images: an MNIST-format transfer set of 20 labels per class
