@@ -30,7 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdtrain import distributed
-from kdtrain.checkpoint import atomic_write, load_into, load_state_dict_file, load_training_checkpoint, save_weights
+from kdtrain.checkpoint import (
+    atomic_write,
+    file_sha256,
+    load_into,
+    load_state_dict_file,
+    load_training_checkpoint,
+    save_weights,
+)
 from kdtrain.data import Splits, TensorSet
 from kdtrain.engine import FitSpec, Resume, fit, predict
 from kdtrain.errors import UserError
@@ -42,6 +49,7 @@ log = logging.getLogger("kdtrain")
 BASELINE_VERSION = 1
 # Dataset keys that do not change what the student alone learns from.
 NOT_BASELINE_DATA = {"download"}
+WEIGHTS = "baseline.safetensors"
 
 
 def labelled_only(train: TensorSet) -> TensorSet:
@@ -101,15 +109,33 @@ def obtain(
     folder = store / baseline_key(identity)
     model = build()
     with file_lock(store / f".{folder.name}.lock"):
-        reused = (folder / "result.json").is_file()
+        result, problem = _stored(folder)
+        reused = result is not None
         if reused:
             log.info("baseline: reusing %s (trained earlier with the same student, data, recipe and seed)", folder)
         else:
+            if problem is not None:
+                log.warning("baseline: the stored %s %s; training it again", folder, problem)
+                shutil.rmtree(folder)
             _train_into(identity, splits, model, device, amp_dtype, spec, folder)
-    weights = folder / "baseline.safetensors"
+            result = json.loads((folder / "result.json").read_text())
+    weights = folder / WEIGHTS
     load_into(model, load_state_dict_file(weights, "stored baseline"), "stored baseline", weights)
-    result = json.loads((folder / "result.json").read_text())
     return model.to(device), {**result, "reused": reused}, folder
+
+
+def _stored(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the result of a sound store folder, None), else (None, what is wrong; None: there is no folder)."""
+    if not folder.exists():
+        return None, None
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, "has no readable result.json (damaged)"
+    weights = folder / WEIGHTS
+    if not weights.is_file() or file_sha256(weights) != result.get("sha256"):
+        return None, f"fails its checksum ({WEIGHTS} is missing or changed after it was stored)"
+    return result, None
 
 
 def _train_into(
@@ -142,8 +168,9 @@ def _train_into(
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model.state_dict(), tmp / "baseline.safetensors")
+    save_weights(model.state_dict(), tmp / WEIGHTS)
     out = {
+        "sha256": file_sha256(tmp / WEIGHTS),
         **{k: result[k] for k in ("best_val_acc", "best_epoch", "last_val_acc", "history")},
         "identity": identity,
         "labelled": int((splits.train.y >= 0).sum()),

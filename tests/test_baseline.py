@@ -126,6 +126,20 @@ def test_an_interrupted_baseline_continues_exactly(compose, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_damaged_stored_baseline_is_trained_again(compose, tmp_path, caplog):
+    splits = build_dataset(compose().dataset)
+    cfg = compose(f"teacher_store={tmp_path}")
+    _, first, folder = _obtain(cfg, splits)
+    weights = folder / "baseline.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # a flipped bit in the last weight
+    weights.write_bytes(bytes(blob))
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    _, again, _ = _obtain(cfg, splits)
+    assert "fails its checksum" in caplog.text and not again["reused"]
+    assert again["best_val_acc"] == first["best_val_acc"] and again["sha256"] == first["sha256"]
+
+
 def test_collapse_at_an_absurd_lr_is_reported(compose, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="kdtrain")
     run(compose("lr=10", "epochs=3"), tmp_path)
