@@ -141,7 +141,7 @@ class KDConfig:
     seed: int = MISSING
     device: str = MISSING
     amp: Amp = MISSING
-    baseline: bool = MISSING  # also train the student alone (mode=none) and report the gain
+    baseline: bool = MISSING  # also report the student alone (labelled samples only; kdtrain/baseline.py) and the gain
     teacher_store: str = MISSING
     progress: Progress = MISSING
     resume: str | None = MISSING  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto

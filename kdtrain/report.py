@@ -126,6 +126,10 @@ def pct(x: float | None, std: float | None = None, sign: str = "%") -> str:
     return f"{100 * x:.2f}{sign}" if std is None else f"{100 * x:.2f}±{100 * std:.2f}"
 
 
+def _collapsed(entry: dict[str, Any]) -> str:
+    return " \\[collapsed]" if entry.get("collapsed") else ""  # escaped: brackets are rich markup
+
+
 def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
     """Teacher vs student (and the student alone, when trained) in one table."""
     console = console or Console()
@@ -133,17 +137,23 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
     table = Table(title=f"kdtrain: {t['name']} -> {s['name']}, mode={summary['mode']}, T={summary['temperature']}")
     for col in ("model", "params", "best val acc", "last val acc", "vs teacher"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(f"teacher ({t['name']})", f"{t['params']:,}", pct(t["val_acc"]), pct(t["val_acc"]), "1.00x params")
+    table.add_row(
+        f"teacher ({t['name']})" + _collapsed(t),
+        f"{t['params']:,}",
+        pct(t["val_acc"]),
+        pct(t["val_acc"]),
+        "1.00x params",
+    )
     if b is not None:
         table.add_row(
-            "student alone (mode=none)",
+            "student alone (mode=none)" + _collapsed(b),
             f"{s['params']:,}",
             pct(b["best_val_acc"]),
             pct(b["last_val_acc"]),
             f"{s['params'] / t['params']:.3f}x params",
         )
     table.add_row(
-        f"student ({summary['mode']})",
+        f"student ({summary['mode']})" + _collapsed(s),
         f"{s['params']:,}",
         pct(s["best_val_acc"]),
         pct(s["last_val_acc"]),

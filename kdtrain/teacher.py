@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdtrain.checkpoint import atomic_write, file_sha256, load_into, load_state_dict_file, non_finite, save_weights
+from kdtrain.collapse import collapse_epoch, warn
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
 from kdtrain.errors import UserError, WriteError, write_error, write_problem
@@ -68,6 +69,7 @@ def get_teacher(
         OmegaConf.to_container(cfg.teacher, resolve=True), splits.num_classes, splits.in_shape, "teacher"
     )
     checkpoint = cfg.teacher.get("checkpoint")
+    collapsed = None  # unknown for a teacher trained elsewhere
     if checkpoint:
         path = Path(str(checkpoint)).expanduser()
         state = load_state_dict_file(path, "teacher.checkpoint")  # a kdtrain .pt's own checksum is checked here
@@ -87,10 +89,17 @@ def get_teacher(
         source = str(path)
         log.info("teacher: loaded %s", path)
     else:
-        source = str(_from_store(cfg, splits, model, device, amp_dtype))
+        folder = _from_store(cfg, splits, model, device, amp_dtype)
+        source = str(folder)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        epoch = collapse_epoch(rows, splits.num_classes)
+        if epoch is not None:
+            warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
+        collapsed = epoch is not None
     model.to(device).eval().requires_grad_(False)
     val_acc = evaluate(model, splits.val, device, amp_dtype, None)["val_acc"]
-    return model, {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
+    info = {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
+    return model, {**info, "collapsed": collapsed}
 
 
 def sidecar_sha256(path: Path) -> str | None:
