@@ -30,7 +30,7 @@ from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
 
 CONFIG_MODULE = "kdtrain.conf"
-GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "experiment")
+GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "teacher_train", "experiment")
 # Flags after which Hydra prints something instead of running (no need to check overrides).
 PRINT_ONLY = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 # Flags that change where configs come from: let Hydra report on those itself.

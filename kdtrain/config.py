@@ -6,13 +6,14 @@ ranges and cross-key rules on the composed config before any work starts.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdtrain.errors import UserError
 
@@ -48,9 +49,8 @@ class CacheDtype(Enum):
     float16 = "float16"
 
 
-class Logger(Enum):
-    none = "none"
-    tensorboard = "tensorboard"
+# logger=NAME or logger=[NAME,...]: where the metrics go besides the run dir's files.
+LOGGERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
 class Progress(Enum):
@@ -94,10 +94,14 @@ class SchedulerConfig:
 class TeacherTrainConfig:
     """Recipe for training the teacher when no teacher.checkpoint is given."""
 
-    epochs: int = 30
+    epochs: int = 30  # 0: the teacher as loaded (see use_fitting_pretrained)
     lr: float = 0.05
     batch_size: int = 64
     seed: int = 0  # separate from the run's seed, so a sweep over seeds shares one teacher
+    # 0: use the teacher as loaded (evaluated and stored, never trained). A pretrained teacher whose
+    # classifier already fits the dataset's classes is used as loaded unless this is false.
+    use_fitting_pretrained: bool = True
+    freeze_backbone_epochs: int = 0  # train the classifier alone for the first N epochs, then every layer
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -112,6 +116,25 @@ class FeatureConfig:
     loss: str = "mse"  # mse | smooth_l1 | cosine | at (attention transfer)
     align: str = "pool"  # spatial mismatch: pool the larger map | interpolate the smaller
     hint_epochs: int = 0  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+
+
+@dataclass
+class WandbConfig:
+    """logger=wandb: where the run goes in Weights & Biases."""
+
+    project: str = "kdtrain"
+    entity: str | None = None  # null: your default entity
+    name: str | None = None  # null: the run dir's name
+    mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online (offline=true: offline)
+
+
+@dataclass
+class MlflowConfig:
+    """logger=mlflow: where the run goes in MLflow."""
+
+    tracking_uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    experiment: str = "kdtrain"
+    run_name: str | None = None  # null: the run dir's name
 
 
 @dataclass
@@ -150,7 +173,10 @@ class KDConfig:
     teacher_cache_views: int = 0  # under augmentation: cache K fixed augmented views per sample
     teacher_cache_dir: str | None = None  # teacher_cache=disk: null = <teacher_store>/cache
     compile: bool = False  # torch.compile the student's training forward pass
-    logger: Logger = Logger.none  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
+    logger: Any = "none"  # none | tensorboard | wandb | mlflow, or a list: [tensorboard,mlflow]
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    offline: bool = False  # no network access: pretrained weights from the caches only, trackers offline
 
 
 def register_schema() -> None:
@@ -171,20 +197,20 @@ def validate(cfg: DictConfig) -> None:
     """Range and cross-key checks on a composed config; raises UserError naming the key."""
     _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
     _validate_feature(cfg)
-    if cfg.logger == Logger.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'"
-            ) from None
+    loggers(cfg)
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "it must be an integer >= 1")
     _check(cfg.lr > 0, "lr", cfg.lr, "it must be > 0 (e.g. lr=0.05)")
     t = cfg.teacher_train
-    _check(t.epochs >= 1, "teacher_train.epochs", t.epochs, "it must be an integer >= 1")
+    _check(t.epochs >= 0, "teacher_train.epochs", t.epochs, "it must be an integer >= 0 (0: the teacher as loaded)")
+    _check(
+        0 <= t.freeze_backbone_epochs <= t.epochs,
+        "teacher_train.freeze_backbone_epochs",
+        t.freeze_backbone_epochs,
+        f"it must be >= 0 and at most teacher_train.epochs ({t.epochs})",
+    )
     _check(t.lr > 0, "teacher_train.lr", t.lr, "it must be > 0")
     _check(t.batch_size >= 1, "teacher_train.batch_size", t.batch_size, "it must be an integer >= 1")
     if not DEVICE_RE.match(cfg.device):
@@ -212,6 +238,25 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0"
         )
+
+
+def loggers(cfg: DictConfig) -> list[str]:
+    """The trackers `logger` names (a name or a list of names; none: no tracker), each one installed."""
+    value = cfg.logger
+    names = [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+    for name in names:
+        if name not in LOGGERS:
+            raise UserError(
+                f"logger={name} is not accepted: use one of {', '.join(LOGGERS)}, or a list like "
+                "logger=[tensorboard,mlflow]"
+            )
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(
+                f"logger={name} needs the {name} package, which is not installed: pip install 'kdtrain[{name}]'"
+            )
+    return names
 
 
 def _validate_feature(cfg: DictConfig) -> None:

@@ -15,15 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, Logger, effective_weights, validate
+from kdtrain.config import Amp, effective_weights, validate
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
-from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
+from kdtrain.models.hub import set_offline
+from kdtrain.report import MetricsWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
+from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
 
@@ -90,12 +92,13 @@ def _extra_columns(cfg: DictConfig) -> list[str]:
 
 
 def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[str, Any]] | None = None):
-    """The per-epoch callback (rank 0): metrics files, TensorBoard when logger=tensorboard, and the mean
+    """The per-epoch callback (rank 0): metrics files, the run's trackers (logger=...), and the mean
     validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
     writes = [MetricsWriter(folder, _extra_columns(cfg), history).write]
-    if cfg.logger == Logger.tensorboard:
-        writes.append(TensorBoardWriter(folder / "tensorboard").sink(label))
+    trackers = current()
+    if trackers is not None:
+        writes += trackers.sinks(folder, label)
 
     def on_epoch(row: dict[str, Any]) -> None:
         if excluded:
@@ -108,8 +111,14 @@ def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[st
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
-    start = time.time()
     validate(cfg)
+    set_offline(cfg.offline)
+    with tracking(cfg, run_dir) as trackers:  # a failure marks the trackers' runs failed
+        return _run(cfg, run_dir, trackers)
+
+
+def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
+    start = time.time()
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = _resume(cfg, run_dir, config)
     if resume is not None and _finished(resume, cfg, run_dir):
@@ -185,6 +194,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
+    if main:
+        trackers.start(config)
     on_epoch = _epoch_sink(cfg, run_dir, "student", resume.state["history"] if resume else None) if main else None
     result = fit(
         student,
@@ -263,6 +274,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     from kdtrain.report import finish_run  # compression report into summary.json, curves.png
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
+    trackers.finish(summary, run_dir)
     return float(result["best_val_acc"])
 
 
