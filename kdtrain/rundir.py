@@ -206,6 +206,8 @@ def _build(
 ) -> nn.Module:
     from kdtrain.models import build_model
 
+    if model_cfg.get("name") in ("torchvision", "timm"):  # the trained weights replace pretrained ones: skip them
+        model_cfg = {**model_cfg, "pretrained": None}
     model = build_model(model_cfg, num_classes, in_shape, role)
     load_into(model, load_state_dict_file(weights, what), what, weights)
     return model.eval().requires_grad_(False)
