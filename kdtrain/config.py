@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdtrain.errors import UserError
 
@@ -94,14 +94,13 @@ class SchedulerConfig:
 class TeacherTrainConfig:
     """Recipe for training the teacher when no teacher.checkpoint is given."""
 
-    epochs: int = 30  # 0: the teacher as loaded (see use_fitting_pretrained)
-    lr: float = 0.05
-    batch_size: int = 64
-    seed: int = 0  # separate from the run's seed, so a sweep over seeds shares one teacher
-    # 0: use the teacher as loaded (evaluated and stored, never trained). A pretrained teacher whose
-    # classifier already fits the dataset's classes is used as loaded unless this is false.
-    use_fitting_pretrained: bool = True
-    freeze_backbone_epochs: int = 0  # train the classifier alone for the first N epochs, then every layer
+    epochs: int = MISSING  # 0: the teacher as loaded (evaluated and stored, never trained)
+    lr: float = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING  # separate from the run's seed, so a sweep over seeds shares one teacher
+    # A pretrained teacher whose classifier already fits the dataset's classes is used as loaded (epochs 0).
+    use_fitting_pretrained: bool = MISSING
+    freeze_backbone_epochs: int = MISSING  # train the classifier alone for the first N epochs, then every layer
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -110,35 +109,40 @@ class TeacherTrainConfig:
 class FeatureConfig:
     """Which layers the feature term compares (mode=feature|combined), and how."""
 
-    student: str | None = None  # short form for one pair: a module path of the student ...
-    teacher: str | None = None  # ... and of the teacher; `auto` = the classifier's input
-    pairs: list[Any] = field(default_factory=list)  # [{student: PATH, teacher: PATH, weight: W}, ...]
-    loss: str = "mse"  # mse | smooth_l1 | cosine | at (attention transfer)
-    align: str = "pool"  # spatial mismatch: pool the larger map | interpolate the smaller
-    hint_epochs: int = 0  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+    student: str | None = MISSING  # short form for one pair: a module path of the student ...
+    teacher: str | None = MISSING  # ... and of the teacher; `auto` = the classifier's input
+    pairs: list[Any] = MISSING  # [{student: PATH, teacher: PATH, weight: W}, ...]
+    loss: str = MISSING  # mse | smooth_l1 | cosine | at (attention transfer)
+    align: str = MISSING  # spatial mismatch: pool the larger map | interpolate the smaller
+    hint_epochs: int = MISSING  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
 
 
 @dataclass
 class WandbConfig:
     """logger=wandb: where the run goes in Weights & Biases."""
 
-    project: str = "kdtrain"
-    entity: str | None = None  # null: your default entity
-    name: str | None = None  # null: the run dir's name
-    mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online (offline=true: offline)
+    project: str = MISSING
+    entity: str | None = MISSING  # null: your default entity
+    name: str | None = MISSING  # null: the run dir's name
+    mode: str | None = MISSING  # online | offline | disabled; null: WANDB_MODE, else online (offline=true: offline)
 
 
 @dataclass
 class MlflowConfig:
     """logger=mlflow: where the run goes in MLflow."""
 
-    tracking_uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
-    experiment: str = "kdtrain"
-    run_name: str | None = None  # null: the run dir's name
+    tracking_uri: str | None = MISSING  # null: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    experiment: str = MISSING
+    run_name: str | None = MISSING  # null: the run dir's name
 
 
 @dataclass
 class KDConfig:
+    """The root schema: types and checks only. Each value has one home, conf/config.yaml (mode, ce_weight and
+    kd_weight: the mode group), so the fields it sets are MISSING here; group nodes (dataset, optimizer,
+    scheduler) take their values from their option files, falling back on the dataclass defaults.
+    tests/test_config.py::test_every_default_has_one_home fails if a key gets a value in both places."""
+
     teacher: Any = None  # model group entries are free-form: constructor kwargs differ per model
     student: Any = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -146,37 +150,37 @@ class KDConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
-    mode: Mode = Mode.soft
-    temperature: float = 4.0
-    alpha: float = 1.0
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
+    mode: Mode = MISSING
+    temperature: float = MISSING
+    alpha: float = MISSING
+    ce_weight: float = MISSING
+    kd_weight: float = MISSING
 
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    seed: int = 0
-    device: str = "auto"
-    amp: Amp = Amp.auto
-    baseline: bool = True  # also train the student alone (mode=none) and report the gain
-    teacher_store: str = "outputs/teachers"
-    progress: Progress = Progress.auto
-    resume: str | None = None  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
-    nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    amp: Amp = MISSING
+    baseline: bool = MISSING  # also train the student alone (mode=none) and report the gain
+    teacher_store: str = MISSING
+    progress: Progress = MISSING
+    resume: str | None = MISSING  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
+    nan_policy: NanPolicy = MISSING  # what a non-finite loss does: stop | skip
     feature: FeatureConfig = field(default_factory=FeatureConfig)
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
+    sync_bn: bool = MISSING  # under torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     # Speed (see teacher_cache.py): the teacher's outputs computed once instead of at every step.
-    teacher_cache: CachePolicy = CachePolicy.auto
-    teacher_cache_dtype: CacheDtype = CacheDtype.float32
-    teacher_cache_topk: int | None = None  # keep the k largest logits per sample (many classes)
-    teacher_cache_views: int = 0  # under augmentation: cache K fixed augmented views per sample
-    teacher_cache_dir: str | None = None  # teacher_cache=disk: null = <teacher_store>/cache
-    compile: bool = False  # torch.compile the student's training forward pass
-    logger: Any = "none"  # none | tensorboard | wandb | mlflow, or a list: [tensorboard,mlflow]
+    teacher_cache: CachePolicy = MISSING
+    teacher_cache_dtype: CacheDtype = MISSING
+    teacher_cache_topk: int | None = MISSING  # keep the k largest logits per sample (many classes)
+    teacher_cache_views: int = MISSING  # under augmentation: cache K fixed augmented views per sample
+    teacher_cache_dir: str | None = MISSING  # teacher_cache=disk: null = <teacher_store>/cache
+    compile: bool = MISSING  # torch.compile the student's training forward pass
+    logger: Any = MISSING  # none | tensorboard | wandb | mlflow, or a list: [tensorboard,mlflow]
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    offline: bool = False  # no network access: pretrained weights from the caches only, trackers offline
+    offline: bool = MISSING  # no network access: pretrained weights from the caches only, trackers offline
 
 
 def register_schema() -> None:

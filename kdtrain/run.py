@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, effective_weights, validate
+from kdtrain.config import Amp, effective_weights
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
@@ -23,6 +23,7 @@ from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
 from kdtrain.models.hub import set_offline
 from kdtrain.report import MetricsWriter, print_table, write_summary
+from kdtrain.rundir import class_names
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
 from kdtrain.trackers import Trackers, current, tracking
@@ -110,8 +111,10 @@ def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[st
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
-    validate(cfg)
+    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy.
+
+    `cfg` has passed `config.validate` (the command line is checked before Hydra starts; call it yourself when
+    composing a config in code); what needs the data (sizes, classes) is checked here."""
     set_offline(cfg.offline)
     with tracking(cfg, run_dir) as trackers:  # a failure marks the trackers' runs failed
         return _run(cfg, run_dir, trackers)
@@ -226,6 +229,7 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
         "in_shape": list(splits.in_shape),
         "mean": splits.mean,
         "std": splits.std,
+        "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
     }
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
 
