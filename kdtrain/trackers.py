@@ -235,9 +235,9 @@ class Trackers:
         self.started = False
 
     def start(self, config: dict[str, Any]) -> None:
+        self.started = True  # before: when one fails to start, close() still ends the others
         for tracker in self.trackers:
             tracker.start(config)
-        self.started = True
 
     def sinks(self, folder: Path, label: str) -> list[Callable[[Row], None]]:
         return [tracker.sink(folder, label) for tracker in self.trackers] if self.started else []

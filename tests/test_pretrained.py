@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 
 import pytest
 import torch
@@ -74,12 +74,20 @@ def test_offline_refuses_to_download_and_names_the_file(hub, monkeypatch: pytest
     assert hub["calls"] == []
 
 
-def test_network_errors_are_one_line(hub, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (URLError("[Errno -3] Temporary failure in name resolution"), r"URLError: .*name resolution"),
+        (HTTPError(URL, 403, "Forbidden", None, None), r"HTTPError: HTTP Error 403: Forbidden"),
+        (TimeoutError("The read operation timed out"), r"TimeoutError: The read operation timed out"),
+    ],
+)
+def test_network_errors_are_one_line(hub, monkeypatch: pytest.MonkeyPatch, error: Exception, shown: str) -> None:
     def unreachable(url, dst, hash_prefix=None, progress=True):
-        raise URLError("[Errno -3] Temporary failure in name resolution")
+        raise error
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    with pytest.raises(UserError, match=r"downloading .* failed \(URLError: .*name resolution.*\); check the network"):
+    with pytest.raises(UserError, match=rf"downloading {URL} failed \({shown}\); check the network"):
         tv(pretrained="DEFAULT")
 
     def corrupt(url, dst, hash_prefix=None, progress=True):
