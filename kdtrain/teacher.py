@@ -3,7 +3,9 @@
 The store holds one folder per teacher, named by a hash of everything that determines it
 (architecture, dataset and split, labels, training recipe and seed), so a second run or every
 job of a sweep reuses it. A file lock makes parallel jobs wait for one training instead of
-each training their own.
+each training their own. With teacher_train.epochs=0 (or a pretrained teacher whose classifier
+already has the dataset's classes) the teacher is stored as loaded, never trained; the finetune
+recipe may train the classifier alone first (freeze_backbone_epochs).
 """
 
 from __future__ import annotations
