@@ -77,7 +77,7 @@ def test_offline_refuses_to_download_and_names_the_file(hub, monkeypatch: pytest
 @pytest.mark.parametrize(
     ("error", "shown"),
     [
-        (URLError("[Errno -3] Temporary failure in name resolution"), r"URLError: .*name resolution"),
+        (URLError("[Errno -3] Temporary failure in name resolution"), r"URLError: <urlopen error .*name resolution>"),
         (HTTPError(URL, 403, "Forbidden", None, None), r"HTTPError: HTTP Error 403: Forbidden"),
         (TimeoutError("The read operation timed out"), r"TimeoutError: The read operation timed out"),
     ],
