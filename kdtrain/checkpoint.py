@@ -1,13 +1,17 @@
 """Atomic writes, safe loads and resume checks. Nothing a user hands us is unpickled with code
-execution: checkpoints load with `torch.load(weights_only=True)`, weights with safetensors."""
+execution: checkpoints load with `torch.load(weights_only=True)`, weights with safetensors.
+Checkpoints carry a checksum of their content (`sha256`), verified on every load."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _kill_point(path)
+
+
+# Test-only fault injection: KDTRAIN_TEST_KILL_AT=NAME:N SIGKILLs this process right after its N-th
+# atomic write of a file named NAME (e.g. best.pt:2), so tests can crash a run at each of its writes.
+_WRITES: Counter[str] = Counter()
+
+
+def _kill_point(path: Path) -> None:
+    target = os.environ.get("KDTRAIN_TEST_KILL_AT")
+    if not target:
+        return
+    _WRITES[path.name] += 1
+    name, _, n = target.rpartition(":")
+    if path.name == name and _WRITES[name] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -53,8 +73,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# The key of a checkpoint's checksum: sha256 over every other entry (see state_digest).
+CHECKSUM = "sha256"
+
+
+def state_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content: tensors by dtype, shape and bytes, containers in order, other
+    values by type and repr (what torch.load(weights_only=True) gives back unchanged)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def non_finite(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    return [
+        k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
+    """torch.save `state` atomically, with its checksum (any old one is replaced)."""
+    body = {k: v for k, v in state.items() if k != CHECKSUM}
+    atomic_write(path, lambda p: torch.save({**body, CHECKSUM: state_digest(body)}, p))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -77,6 +141,12 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} {path} {_why_unloadable(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dictionary")
+    # Checkpoints kdtrain wrote carry a checksum; older ones and other tools' files have none.
+    if CHECKSUM in state and state_digest({k: v for k, v in state.items() if k != CHECKSUM}) != state[CHECKSUM]:
+        raise UserError(
+            f"{what} {path} fails its checksum: its content changed after kdtrain wrote it (a bit flip on disk "
+            "or in a copy); use an intact copy (a run's checkpoints/best.pt holds its best epoch)"
+        )
     return state
 
 
@@ -182,6 +252,16 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     """The run dir a checkpoint was written into (RUN_DIR/checkpoints/NAME.pt), or None."""
     checkpoint = Path(checkpoint).resolve()
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def refuse_another_run(run_dir: Path, checkpoint: Path | None) -> None:
+    """A run dir that holds a run is written into only by a resume of its own checkpoint."""
+    holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+    if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
+        raise UserError(
+            f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+            f"or continue that run with resume={run_dir}"
+        )
 
 
 def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

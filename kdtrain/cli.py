@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from kdtrain import distributed
-from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of
+from kdtrain import distributed, runlock
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, run_dir_of
 from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
 
@@ -235,16 +235,17 @@ def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
             extra.append(f"hydra.run.dir={_hydra_value(str(run_dir))}")
     if run_dir is not None:
         _check_writable(run_dir, "hydra.run.dir")
-        holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
-        if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
-            raise UserError(
-                f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-                f"or continue that run with resume={run_dir}"
-            )
+        refuse_another_run(run_dir, checkpoint)
     if checkpoint is not None:
         load_training_checkpoint(checkpoint, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     if not cfg.teacher.get("checkpoint"):
         _check_writable(Path(str(cfg.teacher_store)).expanduser(), "teacher_store")
+    if run_dir is not None and distributed.is_main():
+        # One run per run dir, held until this process ends: taken before Hydra writes anything there,
+        # after the checks (a refused command creates nothing); the run dir is checked again under the
+        # lock, as another process may have finished a run there since.
+        runlock.hold(run_dir)
+        refuse_another_run(run_dir, checkpoint)
     return extra
 
 
@@ -282,7 +283,11 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    locked_here = False
     try:
+        # A single run with hydra.run.dir holds its lock since the command-line check; a sweep's job or
+        # a run in the default dir takes it here (after Hydra's .hydra/, before any output of kdtrain).
+        locked_here = distributed.is_main() and runlock.hold(run_dir)
         with stop_on_signals():  # SIGINT / SIGTERM: finish the step, save, raise Interrupted
             return run(cfg, run_dir)
     except UserError as e:
@@ -303,6 +308,9 @@ def task(cfg: DictConfig) -> float:
         log.warning("%s", message)
         print(f"kdtrain: {message}", file=sys.stderr)
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a killed job
+    finally:
+        if locked_here:  # the next job of a sweep in this process
+            runlock.release(run_dir)
 
 
 def default_run_dir(now: datetime) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -35,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kdtrain import distributed
-from kdtrain.checkpoint import load_into, save_checkpoint
+from kdtrain.checkpoint import load_checkpoint, load_into, save_checkpoint
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
 from kdtrain.features import FeatureDistiller
@@ -383,8 +382,8 @@ def fit(
             **spec.checkpoint_extra,
         }
 
-    # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
-    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", "0")) if last_path is not None else 0
+    if resume is not None and last_path is not None:
+        _repair_best(resume, last_path.with_name("best.pt"))
     for epoch in range(len(history) + 1, spec.epochs + 1):
         model.train()
         adapter.train()
@@ -541,11 +540,11 @@ def fit(
         history.append(row)
         if last_path is not None:
             ckpt = state(epoch, epoch * steps_per_epoch, None)
+            # last.pt first: a crash before best.pt is written leaves a last.pt that knows it is the
+            # best epoch, and resume writes best.pt from it (_repair_best).
             save_checkpoint(ckpt, last_path)
             if improved:
                 save_checkpoint(ckpt, last_path.with_name("best.pt"))
-            if epoch == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
         if spec.progress != "off":
             log.info(
                 "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
@@ -627,6 +626,23 @@ def _restore(
             "resume with the batch_size and data it was trained with"
         )
     return history, best, partial
+
+
+def _repair_best(resume: Resume, best_path: Path) -> None:
+    """Write best.pt from the checkpoint resumed from when that checkpoint is the end of the best epoch
+    but best.pt does not hold it (a crash came between the epoch's last.pt and best.pt writes)."""
+    s = resume.state
+    epoch = int(s["epoch"])
+    if s.get("partial") is not None or epoch == 0 or int(s.get("best_epoch", 0)) != epoch:
+        return
+    if best_path.is_file():
+        try:
+            if int(load_checkpoint(best_path, "best.pt").get("epoch", -1)) == epoch:
+                return
+        except UserError:  # unreadable or failing its checksum: replaced by the good copy below
+            pass
+    log.info("resume: %s does not hold the best epoch (%d); writing it from %s", best_path, epoch, resume.path)
+    save_checkpoint(s, best_path)
 
 
 def _step_verdict(loss: Tensor, ddp: bool) -> tuple[bool, bool]:

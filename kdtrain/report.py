@@ -153,9 +153,10 @@ def print_compression(report: dict[str, Any], console: Console | None = None) ->
 
 
 def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: Any, in_shape: Any, device: Any) -> None:
-    """After summary.json is written: add the compression report to it, print it, draw curves.png.
-
-    Neither can fail the finished run: a failure is logged as a warning.
+    """The end of a run: add the compression report to `summary` and print it, draw curves.png, then
+    write summary.json. It is written last, so its presence means that every output of the run is there
+    (a crash before it makes resume=auto redo the end); neither report can fail the finished run: a
+    failure is logged as a warning.
     """
     import logging
 
@@ -164,7 +165,6 @@ def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: An
         from kdtrain.compression import compression_report
 
         summary["compression"] = compression_report(teacher, student, in_shape, device)
-        write_summary(summary, Path(run_dir) / "summary.json")
         print_compression(summary["compression"])
     except Exception as e:
         log.warning("compression report failed (%s: %s); summary.json has no 'compression'", type(e).__name__, e)
@@ -174,3 +174,4 @@ def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: An
         plot_run(Path(run_dir), summary)
     except Exception as e:
         log.warning("curves.png failed (%s: %s)", type(e).__name__, e)
+    write_summary(summary, Path(run_dir) / "summary.json")

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
-from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
 from kdtrain.config import Amp, effective_weights
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
@@ -22,9 +22,9 @@ from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
 from kdtrain.models.hub import set_offline
-from kdtrain.report import MetricsWriter, print_table, write_summary
+from kdtrain.report import MetricsWriter, print_table
 from kdtrain.rundir import class_names
-from kdtrain.teacher import get_teacher
+from kdtrain.teacher import get_teacher, precision
 from kdtrain.teacher_cache import TeacherCache, obtain
 from kdtrain.trackers import Trackers, current, tracking
 
@@ -244,7 +244,7 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
         "weights": {"ce_weight": weights["ce"], "kd_weight": weights["kd"], "alpha": weights["feat"]},
         "seed": int(cfg.seed),
         "device": str(device),
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "amp": precision(amp_dtype),
         "teacher": teacher_info,
         "student": {
             "name": str(cfg.student.name),
@@ -273,9 +273,8 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
     }
     if cfg.dataset.exclude_classes:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
-    write_summary(summary, run_dir / "summary.json")
     print_table(summary)
-    from kdtrain.report import finish_run  # compression report into summary.json, curves.png
+    from kdtrain.report import finish_run  # compression report, curves.png, then summary.json
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
     trackers.finish(summary, run_dir)
@@ -325,12 +324,7 @@ def _resume(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Resume | 
 
     A run dir that holds a run is written into only by a resume of its own checkpoint."""
     path = find_resume(cfg.resume, run_dir)
-    holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
-    if holds_run and (path is None or run_dir_of(path) != run_dir.resolve()):
-        raise UserError(
-            f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-            f"or continue that run with resume={run_dir}"
-        )
+    refuse_another_run(run_dir, path)
     if path is None:
         if cfg.resume == "auto":
             log.info("resume=auto: no checkpoint in %s, starting a new run", run_dir / "checkpoints")

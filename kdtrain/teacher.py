@@ -1,11 +1,13 @@
 """The teacher: loaded from `teacher.checkpoint`, or trained once and kept in the teacher store.
 
 The store holds one folder per teacher, named by a hash of everything that determines it
-(architecture, dataset and split, labels, training recipe and seed), so a second run or every
-job of a sweep reuses it. A file lock makes parallel jobs wait for one training instead of
-each training their own. With teacher_train.epochs=0 (or a pretrained teacher whose classifier
-already has the dataset's classes) the teacher is stored as loaded, never trained; the finetune
-recipe may train the classifier alone first (freeze_backbone_epochs).
+(architecture, dataset and split, labels, training recipe and seed, training precision), so a
+second run or every job of a sweep reuses it. A file lock makes parallel jobs wait for one training
+instead of each training their own. A folder is checked before it is reused (its weights' sha256,
+recorded in meta.json, and finite weights): a damaged or incomplete one is trained again, and temp
+folders left by a killed training are removed. With teacher_train.epochs=0 (or a pretrained teacher
+whose classifier already has the dataset's classes) the teacher is stored as loaded, never trained;
+the finetune recipe may train the classifier alone first (freeze_backbone_epochs).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdtrain.checkpoint import atomic_write, load_into, load_state_dict_file, save_weights
+from kdtrain.checkpoint import atomic_write, file_sha256, load_into, load_state_dict_file, non_finite, save_weights
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
 from kdtrain.errors import UserError
@@ -36,13 +38,20 @@ from kdtrain.models import build_model, count_params
 log = logging.getLogger("kdtrain")
 
 # Bump when a change to the code would train a different teacher from the same config.
-RECIPE_VERSION = 1
+# 2: the key covers the training precision (amp); meta.json records the weights' sha256.
+RECIPE_VERSION = 2
+WEIGHTS = "teacher.safetensors"
 # Dataset keys that do not change what the teacher learns from.
 NOT_TEACHER_DATA = {"exclude_classes", "download"}
 
 
-def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that determines a trained teacher, as plain data."""
+def precision(amp_dtype: torch.dtype | None) -> str:
+    """The autocast precision a model trains in: off, bfloat16 or float16."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
+
+
+def teacher_identity(cfg: DictConfig, amp: str) -> dict[str, Any]:
+    """Everything that determines a trained teacher, as plain data; `amp`: its precision (see `precision`)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "checkpoint"}
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in NOT_TEACHER_DATA}
     recipe = OmegaConf.to_container(cfg.teacher_train, resolve=True)
@@ -52,11 +61,11 @@ def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
         recipe.pop("freeze_backbone_epochs", None)
     if recipe["epochs"] == 0:  # used as loaded: only the seed (of a fresh head, if any) matters
         recipe = {"epochs": 0, "seed": recipe["seed"]}
-    return {"version": RECIPE_VERSION, "model": model, "dataset": data, "recipe": recipe}
+    return {"version": RECIPE_VERSION, "model": model, "dataset": data, "recipe": recipe, "amp": amp}
 
 
-def teacher_key(cfg: DictConfig) -> str:
-    blob = json.dumps(teacher_identity(cfg), sort_keys=True).encode()
+def teacher_key(cfg: DictConfig, amp: str) -> str:
+    blob = json.dumps(teacher_identity(cfg, amp), sort_keys=True).encode()
     return f"{cfg.teacher.name}-{cfg.dataset.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
@@ -82,7 +91,20 @@ def get_teacher(
     checkpoint = cfg.teacher.get("checkpoint")
     if checkpoint:
         path = Path(str(checkpoint)).expanduser()
-        load_into(model, load_state_dict_file(path, "teacher.checkpoint"), "teacher.checkpoint", path)
+        state = load_state_dict_file(path, "teacher.checkpoint")  # a kdtrain .pt's own checksum is checked here
+        expected = sidecar_sha256(path)
+        if expected is not None and file_sha256(path) != expected:
+            raise UserError(
+                f"teacher.checkpoint {path} fails the sha256 recorded beside it: the file changed after it was "
+                "written (a bit flip or a partial copy); use an intact copy"
+            )
+        bad = non_finite(state)
+        if bad:
+            raise UserError(
+                f"teacher.checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                "a teacher that diverged cannot teach: use a checkpoint of a finite teacher"
+            )
+        load_into(model, state, "teacher.checkpoint", path)
         source = str(path)
         log.info("teacher: loaded %s", path)
     else:
@@ -130,21 +152,90 @@ def _as_loaded_if_fitting(cfg: DictConfig, model: nn.Module, num_classes: int) -
     return OmegaConf.merge(cfg, {"teacher_train": {"epochs": 0}})
 
 
+def sidecar_sha256(path: Path) -> str | None:
+    """The sha256 recorded beside a weights file: PATH.sha256 (sha256sum's format), or for a teacher
+    store's teacher.safetensors its meta.json; None when there is none."""
+    sums = path.with_name(path.name + ".sha256")
+    if sums.is_file():
+        words = sums.read_text().split()
+        return words[0].lower() if words else None
+    meta = path.with_name("meta.json")
+    if path.name == WEIGHTS and meta.is_file():
+        try:
+            recorded = json.loads(meta.read_text()).get("sha256")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return recorded if isinstance(recorded, str) else None
+    return None
+
+
 def _from_store(
     cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None
 ) -> Path:
     store = Path(cfg.teacher_store).expanduser()
-    folder = store / teacher_key(cfg)
-    weights = folder / "teacher.safetensors"
+    folder = store / teacher_key(cfg, precision(amp_dtype))
+    weights = folder / WEIGHTS
     with file_lock(store / f".{folder.name}.lock"):
-        if weights.is_file():
+        _remove_stale(store, folder.name)
+        state, problem = _stored(folder)
+        if state is not None:
             log.info("teacher: reusing %s (trained earlier with the same architecture, data and recipe)", folder)
         else:
-            what = "training it once" if cfg.teacher_train.epochs > 0 else "storing it as loaded"
-            log.info("teacher: none stored for this config; %s into %s", what, folder)
+            if problem is None:
+                what = "training it once" if cfg.teacher_train.epochs > 0 else "storing it as loaded"
+                log.info("teacher: none stored for this config; %s into %s", what, folder)
+            else:
+                log.warning("teacher: the stored %s %s; training it again", folder, problem)
             _train_into(cfg, splits, model, device, amp_dtype, folder)
-    load_into(model, load_state_dict_file(weights, "stored teacher"), "stored teacher", weights)
+            state = load_state_dict_file(weights, "stored teacher")
+    load_into(model, state, "stored teacher", weights)
     return folder
+
+
+def _stored(folder: Path) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """(the weights of a sound store folder, None), else (None, what is wrong; None: there is no folder)."""
+    weights = folder / WEIGHTS
+    if not folder.exists():
+        return None, None
+    if not weights.is_file():
+        return None, f"has no {WEIGHTS} (an incomplete folder)"
+    expected = sidecar_sha256(weights)
+    if expected is None:
+        return None, "has no checksum in its meta.json (damaged, or written by another tool)"
+    if file_sha256(weights) != expected:
+        return None, f"fails its checksum ({WEIGHTS} changed after it was stored: corrupt)"
+    try:
+        state = load_state_dict_file(weights, "stored teacher")
+    except UserError as e:
+        return None, f"cannot be read ({e})"
+    bad = non_finite(state)
+    if bad:
+        return None, f"holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
+    return state, None
+
+
+def _remove_stale(store: Path, key: str) -> None:
+    """Remove the temp folders (.KEY.PID.tmp/.old) that a training killed midway left behind.
+
+    Called under the key's lock, which every writer of these folders holds, so a folder whose process
+    is gone (or is this one) is not in use."""
+    for path in store.glob(f".{key}.*.*"):
+        pid = path.name[len(key) + 2 :].split(".")[0]
+        if path.suffix not in (".tmp", ".old") or not path.is_dir() or not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() or not _alive(int(pid)):
+            log.info("teacher: removing %s, left by an interrupted training (process %s)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (PermissionError): not ours to judge
+    return True
 
 
 def _train_into(
@@ -164,16 +255,24 @@ def _train_into(
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model.state_dict(), tmp / "teacher.safetensors")
+    save_weights(model.state_dict(), tmp / WEIGHTS)
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     meta = {
-        **teacher_identity(cfg),
+        **teacher_identity(cfg, precision(amp_dtype)),
+        "sha256": file_sha256(tmp / WEIGHTS),
         "val_acc": val_acc,
         "params": count_params(model),
         "seconds": time.time() - start,
     }
     atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-    os.replace(tmp, folder)
+    if folder.exists():  # a damaged folder: moved aside, replaced, then deleted
+        old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
 
 
 def _fit_stages(
