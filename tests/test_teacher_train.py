@@ -93,7 +93,7 @@ def test_finetune_trains_the_head_alone_first(compose, tmp_path, monkeypatch) ->
 
 def test_default_recipe_keeps_the_stored_teachers_names(compose) -> None:
     # Keys added to teacher_train leave the identity as it was at their defaults: old stores stay valid.
-    recipe = teacher_identity(compose())["recipe"]
+    recipe = teacher_identity(compose(), "off")["recipe"]
     assert recipe == {
         "epochs": 1,
         "lr": 0.05,
