@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdtrain import baseline as baseline_store
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
+from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
 from kdtrain.config import Amp, effective_weights
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
@@ -83,7 +85,7 @@ def _spec(
         checkpoint_dir=checkpoint_dir,
         checkpoint_extra=extra,
         nan_policy=cfg.nan_policy.value,
-        hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
+        hint_epochs=_hint_epochs(cfg, weights),
         compile=bool(cfg.compile),
     )
 
@@ -108,6 +110,12 @@ def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[st
             write(row)
 
     return on_epoch
+
+
+def _train_data(cfg: DictConfig, splits: Splits):
+    """What the student trains on: the transfer set, or for mode=none (no teacher) its labelled samples,
+    exactly as the student-alone baseline does (see kdtrain/baseline.py)."""
+    return baseline_store.labelled_only(splits.train) if cfg.mode.value == "none" else splits.train
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
@@ -197,12 +205,16 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
+    history = resume.state["history"] if resume else []
+    watch = CollapseWatch("student", splits.num_classes, "lr", float(cfg.lr), skip=_hint_epochs(cfg, weights))
+    for row in history:
+        watch(row)
     if main:
         trackers.start(config)
-    on_epoch = _epoch_sink(cfg, run_dir, "student", resume.state["history"] if resume else None) if main else None
+    on_epoch = watch.then(_epoch_sink(cfg, run_dir, "student", history) if main else None)
     result = fit(
         student,
-        splits.train,
+        _train_data(cfg, splits),  # mode=none: the labelled samples only
         splits.val,
         _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
         device,
@@ -217,25 +229,23 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
     )
     if features is not None:
         features.remove()
-    if not main:
-        if cfg.baseline and cfg.mode.value != "none":
-            _baseline(
-                cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline"
-            )  # its collectives need every rank
-        return float(result["best_val_acc"])
-    meta = {
-        "model": OmegaConf.to_container(cfg.student, resolve=True),
-        "num_classes": splits.num_classes,
-        "in_shape": list(splits.in_shape),
-        "mean": splits.mean,
-        "std": splits.std,
-        "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
-    }
-    save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
-
+    if main:
+        meta = {
+            "model": OmegaConf.to_container(cfg.student, resolve=True),
+            "num_classes": splits.num_classes,
+            "in_shape": list(splits.in_shape),
+            "mean": splits.mean,
+            "std": splits.std,
+            "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
+        }
+        save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
     baseline = None
     if cfg.baseline and cfg.mode.value != "none":
-        baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
+        with distributed.rank0_first():  # rank 0 alone gets (trains, or loads) the baseline; the others wait
+            if main:
+                baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
+    if not main:
+        return float(result["best_val_acc"])
 
     last = result["history"][-1]
     summary = {
@@ -254,6 +264,8 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             "last_val_acc": result["last_val_acc"],
             "agreement": last["agreement"],
             "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result["history"]),
+            "labelled": int((splits.train.y >= 0).sum()),
+            "collapsed": watch.epoch is not None,
         },
         "baseline": baseline,
         "gain_vs_baseline": None if baseline is None else result["best_val_acc"] - baseline["best_val_acc"],
@@ -361,6 +373,11 @@ def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
         Capture(model, [getattr(p, role) for p in pairs], role).remove()
 
 
+def _hint_epochs(cfg: DictConfig, weights: dict[str, float]) -> int:
+    """Epochs of FitNets' hint stage (no classifier training yet: not counted by the collapse check)."""
+    return int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0
+
+
 def _baseline(
     cfg: DictConfig,
     splits: Splits,
@@ -369,24 +386,36 @@ def _baseline(
     teacher_pred: torch.Tensor,
     folder: Path,
 ) -> dict[str, Any]:
-    """The student alone (mode=none: CE only, weight 1) with the same data, recipe and seed."""
-    log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
-    seed_everything(int(cfg.seed))
-    student = _student(cfg, splits, device)
-    on_epoch = _epoch_sink(cfg, folder, "baseline") if distributed.is_main() else None
+    """The student alone (CE only, weight 1, on the labelled samples; see kdtrain/baseline.py) with the
+    same recipe and seed, from the baseline store (trained there first when needed); its metrics go
+    into `folder`."""
     weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
-    result = fit(
-        student,
-        splits.train,
-        splits.val,
-        _spec(cfg, weights, "baseline", None, {}),
-        device,
-        amp_dtype,
-        teacher_val_pred=teacher_pred,
-        on_epoch=on_epoch,
-        augment=splits.augment,
-    )
-    out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
+    spec = _spec(cfg, weights, "baseline", None, {})
+    spec.batch_size *= distributed.world_size()  # trained by rank 0 alone: the student's global batch
+
+    def build() -> torch.nn.Module:
+        seed_everything(int(cfg.seed))
+        return _student(cfg, splits, device)
+
+    model, result, source = baseline_store.obtain(cfg, splits, device, amp_dtype, build, spec)
+    on_epoch = _epoch_sink(cfg, folder, "baseline")
+    for row in result["history"]:
+        on_epoch(row)
+    collapsed = collapse_epoch(result["history"], splits.num_classes)
+    if collapsed is not None:
+        warn("baseline (the student alone)", collapsed, splits.num_classes, "lr", float(cfg.lr))
+    out = {
+        "best_val_acc": result["best_val_acc"],
+        "best_epoch": result["best_epoch"],
+        "last_val_acc": result["last_val_acc"],
+        "agreement": baseline_store.agreement(model, splits.val, device, amp_dtype, teacher_pred),
+        "labelled": result["labelled"],
+        "collapsed": collapsed is not None,
+        "source": str(source),
+        "reused": result["reused"],
+    }
     if cfg.dataset.exclude_classes:
-        out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")
+        out["last_val_acc_excluded"] = float(
+            np.mean([result["history"][-1]["per_class"][c] for c in cfg.dataset.exclude_classes])
+        )
     return out
