@@ -116,7 +116,7 @@ def test_the_readme_example_runs(tmp_path: Path, teacher: str, steps: int) -> No
     run_dir = tmp_path / "outputs" / "my_classifier"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["teacher"]["name"] == "torchvision" and summary["baseline"] is not None
-    assert "student alone (mode=none)" in outputs[0] and "Compression (teacher / student)" in outputs[0]
+    assert "Distillation gain over the student alone" in outputs[0] and "Compression (teacher / student)" in outputs[0]
     log = (run_dir / "kdtrain.log").read_text()
     assert "training its classifier net.fc alone for 1 epoch(s)" in log  # teacher_train=finetune
     teacher_meta = json.loads((tmp_path / summary["teacher"]["source"] / "meta.json").read_text())
