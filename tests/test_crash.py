@@ -46,6 +46,8 @@ def _summary(run_dir: Path) -> dict:
     for key in ("seconds", "run_dir", "resumed_from"):
         s.pop(key)
     s["teacher"].pop("source")
+    for key in ("source", "reused"):  # the baseline: stored by the reference run, reused by the others
+        s["baseline"].pop(key)
     ratios = s.pop("compression")["ratios"]
     s["compression"] = {k: ratios[k] for k in ("params", "flops")}  # latencies are timings
     return s
@@ -58,7 +60,9 @@ def _files(run_dir: Path) -> set[str]:
 def _store(store: Path) -> dict[str, bytes]:
     """The store's teacher folders (and nothing else: no temp folders) with their weights."""
     return {
-        p.name: (p / "teacher.safetensors").read_bytes() for p in store.iterdir() if p.is_dir() and p.name != "cache"
+        p.name: (p / "teacher.safetensors").read_bytes()
+        for p in store.iterdir()
+        if p.is_dir() and p.name not in ("cache", "baselines")
     }
 
 
