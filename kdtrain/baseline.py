@@ -41,7 +41,7 @@ from kdtrain.checkpoint import (
 from kdtrain.data import Splits, TensorSet
 from kdtrain.engine import FitSpec, Resume, fit, predict
 from kdtrain.errors import UserError
-from kdtrain.teacher import file_lock
+from kdtrain.locks import file_lock
 
 log = logging.getLogger("kdtrain")
 
@@ -108,7 +108,7 @@ def obtain(
     store = Path(cfg.teacher_store).expanduser() / "baselines"
     folder = store / baseline_key(identity)
     model = build()
-    with file_lock(store / f".{folder.name}.lock"):
+    with file_lock(store / f".{folder.name}.lock", f"the stored baseline {folder.name}"):
         result, problem = _stored(folder)
         reused = result is not None
         if reused:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import tempfile
@@ -20,27 +21,36 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, write_error
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temp file in the same directory, fsync it, rename it over `path`, fsync the directory.
 
     A crash at any point leaves either the old file or the new one, never a torn one; the directory
-    fsync makes the rename itself survive a power loss.
+    fsync makes the rename itself survive a power loss. A full disk or a read-only folder raises a
+    WriteError (one line naming the path), leaving no temp file. The file gets the permissions of
+    the user's umask, as a plain open() would (mkstemp alone makes it 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: safetensors replaces the file it is given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as e:
+        error = write_error(e, path)  # judged while a partial temp file still takes its space
+        if error is None:
+            raise
+        raise error from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     _kill_point(path)
 
@@ -58,6 +68,12 @@ def _kill_point(path: Path) -> None:
     name, _, n = target.rpartition(":")
     if path.name == name and _WRITES[name] == int(n):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -287,7 +303,30 @@ def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[s
             )
         if not any(key == k or key.startswith(k + ".") for k in FREE):
             changed.append(f"{key}: {_show(old)} -> {_show(new)}")
+    _check_progress(state, path)
     return state, changed
+
+
+def _check_progress(state: dict[str, Any], path: Path) -> None:
+    """The epoch count, metrics history and RNG states are usable (each is restored as it is on resume)."""
+    history, rng = state["history"], state["rng"]
+    problem = None
+    if not isinstance(state["epoch"], int) or not isinstance(history, list) or len(history) != state["epoch"]:
+        problem = f"epoch {state['epoch']!r} does not match its {type(history).__name__} of metrics rows"
+    elif not all(isinstance(row, dict) and isinstance(row.get("val_acc"), (int, float)) for row in history):
+        problem = "its metrics history holds a row that is not an epoch's metrics"
+    else:
+        try:
+            torch.Generator().set_state(rng["torch"])
+            torch.Generator().set_state(rng["batches"])
+            random.Random().setstate((3, tuple(rng["python"]), None))
+        except (TypeError, ValueError, KeyError, RuntimeError, IndexError):
+            problem = "its random-number-generator states ('rng') are damaged"
+    if problem:
+        raise UserError(
+            f"resume {path} is damaged: {problem}; resume from another checkpoint (e.g. checkpoints/best.pt) "
+            "or start a new run"
+        )
 
 
 _UNSET = object()

@@ -6,13 +6,14 @@ ranges and cross-key rules on the composed config before any work starts.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdtrain.errors import UserError
 
@@ -162,6 +163,15 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="kdtrain_schema", node=KDConfig)
 
 
+# Seeds go to torch.manual_seed, which takes -2**63 .. 2**64-1; the split seed also to scikit-learn's
+# random_state, which takes 0 .. 2**32-1.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+SPLIT_SEED_RANGE = (0, 2**32 - 1)
+# Below this temperature knowledge distillation does nothing useful: the KD term's gradient shrinks in
+# proportion to T (at T = 0.01 it is 0.6 % of its size at T = 4), is exactly 0 in float32 at T <= 1e-21
+# and the loss itself at T <= 1e-23 (scripts/kd_small_temperature.py measures both).
+MIN_TEMPERATURE = 0.01
+
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
@@ -174,7 +184,30 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and cross-key checks on a composed config; raises UserError naming the key."""
+    _check_finite(cfg, "")
     _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
+    if effective_weights(cfg)["kd"] > 0:
+        _check(
+            cfg.temperature >= MIN_TEMPERATURE,
+            "temperature",
+            cfg.temperature,
+            f"below {MIN_TEMPERATURE} the KD term's gradient vanishes (it shrinks in proportion to T, and is "
+            "exactly 0 in float32 from 1e-21); use temperature >= 1 (e.g. temperature=4)",
+        )
+    for key, value in (("seed", cfg.seed), ("teacher_train.seed", cfg.teacher_train.seed)):
+        _check(SEED_RANGE[0] <= value <= SEED_RANGE[1], key, value, "it must fit in 64 bits (e.g. seed=0)")
+    _check(
+        SPLIT_SEED_RANGE[0] <= cfg.dataset.split_seed <= SPLIT_SEED_RANGE[1],
+        "dataset.split_seed",
+        cfg.dataset.split_seed,
+        f"it must be in 0..{SPLIT_SEED_RANGE[1]} (2**32-1)",
+    )
+    excluded = list(cfg.dataset.exclude_classes)
+    twice = next((c for i, c in enumerate(excluded) if c in excluded[:i]), None)
+    if twice is not None:
+        raise UserError(
+            f"dataset.exclude_classes={excluded} lists class {twice} more than once; list each hidden class once"
+        )
     _validate_feature(cfg)
     if cfg.logger == Logger.tensorboard:
         try:
@@ -217,6 +250,19 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0"
         )
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float in the config (model options included) is finite: inf and NaN get one line naming the key."""
+    for key in node if isinstance(node, DictConfig) else range(len(node)):
+        if OmegaConf.is_missing(node, key):  # `???`: reported by the check that needs it
+            continue
+        value = node[key]
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}{'.' if prefix else ''}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name}={value} is not accepted: it must be a finite number")
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_finite(value, name)
 
 
 def _validate_feature(cfg: DictConfig) -> None:

@@ -43,6 +43,9 @@ from kdtrain.teacher_cache import TeacherCache
 
 log = logging.getLogger("kdtrain")
 
+# nan_policy=skip: more than this share of an epoch's steps skipped is a console warning (all of them: an error).
+SKIP_WARN_SHARE = 0.1
+
 
 @dataclass
 class FitSpec:
@@ -505,6 +508,7 @@ def fit(
         totals = (distributed.all_reduce_sum(sums) if ddp else sums).tolist()  # the one sync of the epoch
         seconds = seconds_before + time.perf_counter() - start
         bar.close()
+        _check_skipped(spec, skipped, steps_per_epoch, epoch, last_path)
         if not _finite([*model.state_dict().values(), *adapter.state_dict().values()]):
             # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
             raise UserError(
@@ -669,6 +673,28 @@ def _stop_requested(ddp: bool, device: torch.device) -> bool:
     if signum and STOP.signum is None:
         STOP.signum = signum
     return bool(signum)
+
+
+def _check_skipped(spec: FitSpec, skipped: int, steps: int, epoch: int, last_path: Path | None) -> None:
+    """nan_policy=skip: an epoch with every step skipped trained nothing (an error); more than
+    SKIP_WARN_SHARE of its steps skipped is a warning on the console."""
+    if skipped == steps:
+        lr = "teacher_train.lr" if spec.label == "teacher" else "lr"
+        raise UserError(
+            f"{spec.label}: every step of epoch {epoch} had a non-finite loss and was skipped (nan_policy=skip), "
+            f"so nothing trains; {_keep_note(last_path)}; lower {lr} or check the teacher and the data for "
+            "non-finite values"
+        )
+    if skipped > SKIP_WARN_SHARE * steps:
+        log.warning(
+            "%s: %d of %d steps of epoch %d had a non-finite loss and were skipped (nan_policy=skip, more than "
+            "%.0f %%); the run is barely training: lower the learning rate",
+            spec.label,
+            skipped,
+            steps,
+            epoch,
+            100 * SKIP_WARN_SHARE,
+        )
 
 
 def _keep_note(last_path: Path | None) -> str:

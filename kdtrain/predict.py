@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from kdtrain.errors import UserError, one_line_errors
-from kdtrain.rundir import add_trust_flag, load_student, load_student_file, open_run, resolve_device
+from kdtrain.rundir import add_trust_flag, checked_shapes, load_student, load_student_file, open_run, resolve_device
 
 TOOL = "kdtrain-predict"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -103,11 +103,12 @@ def _sidecar(model: Path) -> dict[str, Any]:
         if path.is_file():
             try:
                 meta = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise UserError(f"{path} is not valid JSON ({e}); re-export with kdtrain-export") from None
             missing = [k for k in ("in_shape", "mean", "std", "num_classes") if k not in meta]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; re-export the model with kdtrain-export")
+            checked_shapes(meta, path)
             return meta
     raise UserError(
         f"{model} needs its {SIDECAR} (input shape, normalisation) beside it; copy it from the "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from kdtrain.checkpoint import atomic_write
+from kdtrain.errors import write_error
 
 # Columns of metrics.jsonl / metrics.csv, in order (a public interface: extend, never rename).
 COLUMNS = [
@@ -60,10 +64,24 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         values = self._values(row)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(values) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow(self._cells(values))
+        self._append(self.jsonl, lambda f: f.write(json.dumps(values) + "\n"))
+        self._append(self.csv, lambda f: csv.writer(f).writerow(self._cells(values)))
+
+    @staticmethod
+    def _append(path: Path, write: Callable[[IO[str]], Any]) -> None:
+        """Append one row; when the disk is full (or the folder read-only) cut the file back to its
+        previous rows, so no torn row is left, and raise the one-line WriteError."""
+        size = path.stat().st_size
+        try:
+            with open(path, "a", newline="") as f:
+                write(f)
+        except OSError as e:
+            error = write_error(e, path)
+            if error is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise error from None
 
 
 class TensorBoardWriter:

@@ -10,6 +10,7 @@ unless the user passes --trust-model-code), so no file can run code.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +195,39 @@ def read_meta(path: Path) -> dict[str, Any]:
             meta[key] = json.loads(value)
         except json.JSONDecodeError:
             meta[key] = value
+        except RecursionError:  # JSON nested thousands deep: not written by kdtrain
+            raise UserError(
+                f"{path} has metadata {key!r} nested too deeply to read; it was not written by kdtrain: give the "
+                "student.safetensors a kdtrain run wrote"
+            ) from None
     return meta
+
+
+def checked_shapes(meta: dict[str, Any], where: Path) -> tuple[int, tuple[int, int, int], list[float], list[float]]:
+    """(num_classes, in_shape, mean, std) from kdtrain metadata, checked: one UserError for a bad value."""
+    try:
+        num_classes = int(meta["num_classes"])
+        in_shape = tuple(int(v) for v in meta["in_shape"])
+        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{where} has unusable kdtrain metadata ({e}); use the file kdtrain wrote") from None
+    problem = (
+        "num_classes must be >= 1"
+        if num_classes < 1
+        else "in_shape must be 3 sizes >= 1 (channels, height, width)"
+        if len(in_shape) != 3 or min(in_shape) < 1
+        else f"mean and std must hold one value per channel ({in_shape[0]})"
+        if len(mean) != in_shape[0] or len(std) != in_shape[0]
+        else "mean and std must be finite and std > 0"
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0
+        else None
+    )
+    if problem:
+        raise UserError(
+            f"{where} has unusable kdtrain metadata ({problem}: num_classes={meta['num_classes']}, "
+            f"in_shape={meta['in_shape']}, mean={meta['mean']}, std={meta['std']}); use the file kdtrain wrote"
+        )
+    return num_classes, in_shape, mean, std  # type: ignore[return-value]
 
 
 def _build(
@@ -225,17 +258,12 @@ def load_student_file(path: Path, trust: bool = False) -> Student:
             f"{path} has no kdtrain metadata ({', '.join(missing)} missing); give the student.safetensors "
             "a kdtrain run wrote, or its run dir"
         )
-    in_shape = tuple(int(v) for v in meta["in_shape"])
-    model = _build(meta["model"], int(meta["num_classes"]), in_shape, "student", path, "student weights", path, trust)
+    num_classes, in_shape, mean, std = checked_shapes(meta, path)
+    if not isinstance(meta["model"], dict):
+        raise UserError(f"{path} has unusable kdtrain metadata (model is not a config); use the file kdtrain wrote")
+    model = _build(meta["model"], num_classes, in_shape, "student", path, "student weights", path, trust)
     return Student(
-        model,
-        path,
-        str(meta["model"].get("name")),
-        int(meta["num_classes"]),
-        in_shape,
-        [float(v) for v in meta["mean"]],
-        [float(v) for v in meta["std"]],
-        meta.get("class_names"),
+        model, path, str(meta["model"].get("name")), num_classes, in_shape, mean, std, meta.get("class_names")
     )
 
 
@@ -287,8 +315,7 @@ def load_student(
     final = run.path / STUDENT_FILE
     meta = read_meta(final) if final.is_file() else {}
     if all(k in meta for k in META_KEYS):
-        num_classes, in_shape = int(meta["num_classes"]), tuple(int(v) for v in meta["in_shape"])
-        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+        num_classes, in_shape, mean, std = checked_shapes(meta, final)
     elif splits is not None:
         num_classes, in_shape, mean, std = (
             splits.num_classes,

@@ -10,15 +10,13 @@ folders left by a killed training are removed.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,8 @@ from kdtrain.checkpoint import atomic_write, file_sha256, load_into, load_state_
 from kdtrain.collapse import collapse_epoch, warn
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, WriteError, write_error, write_problem
+from kdtrain.locks import file_lock
 from kdtrain.models import build_model, count_params
 
 log = logging.getLogger("kdtrain")
@@ -59,17 +58,6 @@ def teacher_identity(cfg: DictConfig, amp: str) -> dict[str, Any]:
 def teacher_key(cfg: DictConfig, amp: str) -> str:
     blob = json.dumps(teacher_identity(cfg, amp), sort_keys=True).encode()
     return f"{cfg.teacher.name}-{cfg.dataset.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def get_teacher(
@@ -133,12 +121,21 @@ def sidecar_sha256(path: Path) -> str | None:
 
 def _from_store(
     cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None
-) -> Path:
+) -> Path | str:
     store = Path(cfg.teacher_store).expanduser()
     folder = store / teacher_key(cfg, precision(amp_dtype))
     weights = folder / WEIGHTS
-    with file_lock(store / f".{folder.name}.lock"):
-        _remove_stale(store, folder.name)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(store / f".{folder.name}.lock", f"the stored teacher {folder.name}"))
+            _remove_stale(store, folder.name)  # under the lock only
+        except OSError as e:
+            problem = write_problem(e, store)
+            if problem is None:
+                raise
+            # A read-only (or full) store, a shared one say: a stored teacher is complete (it is renamed
+            # into place whole), so reading it needs no lock; a teacher to train is kept in memory (below).
+            log.info("teacher: the store %s is %s; using it without its lock", store, problem)
         state, problem = _stored(folder)
         if state is not None:
             log.info("teacher: reusing %s (trained earlier with the same architecture, data and recipe)", folder)
@@ -147,7 +144,8 @@ def _from_store(
                 log.info("teacher: none stored for this config; training it once into %s", folder)
             else:
                 log.warning("teacher: the stored %s %s; training it again", folder, problem)
-            _train_into(cfg, splits, model, device, amp_dtype, folder)
+            if not _train_into(cfg, splits, model, device, amp_dtype, folder):
+                return f"{folder} (not stored: kept in memory for this run)"  # the model holds the weights
             state = load_state_dict_file(weights, "stored teacher")
     load_into(model, state, "stored teacher", weights)
     return folder
@@ -201,7 +199,9 @@ def _alive(pid: int) -> bool:
 
 def _train_into(
     cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, folder: Path
-) -> None:
+) -> bool:
+    """Train the teacher into `model` and store it in `folder`; False when it could not be stored (a full
+    or read-only store: logged as a warning, the model keeps the weights for this run)."""
     t = cfg.teacher_train
     if t.batch_size > len(splits.teacher_train):
         raise UserError(
@@ -235,23 +235,36 @@ def _train_into(
     )
     # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model.state_dict(), tmp / WEIGHTS)
-    (tmp / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    meta = {
-        **teacher_identity(cfg, precision(amp_dtype)),
-        "sha256": file_sha256(tmp / WEIGHTS),
-        "val_acc": result["last_val_acc"],
-        "params": count_params(model),
-        "seconds": time.time() - start,
-    }
-    atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-    if folder.exists():  # a damaged folder: moved aside, replaced, then deleted
-        old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(model.state_dict(), tmp / WEIGHTS)
+        (tmp / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+        meta = {
+            **teacher_identity(cfg, precision(amp_dtype)),
+            "sha256": file_sha256(tmp / WEIGHTS),
+            "val_acc": result["last_val_acc"],
+            "params": count_params(model),
+            "seconds": time.time() - start,
+        }
+        atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        if folder.exists():  # a damaged folder: moved aside, replaced, then deleted
+            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except (OSError, WriteError) as e:
+        error = e if isinstance(e, WriteError) else write_error(e, tmp)
+        if error is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The teacher is trained: losing it to a full store would cost the whole training again.
+        log.warning(
+            "teacher: not stored (%s); this run goes on with it in memory, and the next run trains it again",
+            error,
+        )
+        return False
+    return True
