@@ -91,11 +91,12 @@ def get_teacher(
     else:
         folder = _from_store(cfg, splits, model, device, amp_dtype)
         source = str(folder)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        epoch = collapse_epoch(rows, splits.num_classes)
-        if epoch is not None:
-            warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
-        collapsed = epoch is not None
+        if isinstance(folder, Path):  # stored, with its metrics (a teacher kept in memory has none: unknown)
+            rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            epoch = collapse_epoch(rows, splits.num_classes)
+            if epoch is not None:
+                warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
+            collapsed = epoch is not None
     model.to(device).eval().requires_grad_(False)
     val_acc = evaluate(model, splits.val, device, amp_dtype, None)["val_acc"]
     info = {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
