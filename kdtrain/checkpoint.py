@@ -236,7 +236,7 @@ TRAINING_KEYS = ("model", "adapter", "optimizer", "scheduler", "scaler", "epoch"
 # of the optimizer state and schedule (the first difference is an error).
 MUST_MATCH = ("student", "teacher", "dataset", "mode", "optimizer.name", "batch_size")
 # Settings that may change on resume without changing the result.
-FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline")
+FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline", "logger", "wandb", "mlflow", "offline")
 
 
 def find_resume(value: str | None, run_dir: Path | None) -> Path | None:

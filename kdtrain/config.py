@@ -6,6 +6,7 @@ ranges and cross-key rules on the composed config before any work starts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,9 +50,8 @@ class CacheDtype(Enum):
     float16 = "float16"
 
 
-class Logger(Enum):
-    none = "none"
-    tensorboard = "tensorboard"
+# logger=NAME or logger=[NAME,...]: where the metrics go besides the run dir's files.
+LOGGERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
 class Progress(Enum):
@@ -95,10 +95,13 @@ class SchedulerConfig:
 class TeacherTrainConfig:
     """Recipe for training the teacher when no teacher.checkpoint is given."""
 
-    epochs: int = MISSING
+    epochs: int = MISSING  # 0: the teacher as loaded (evaluated and stored, never trained)
     lr: float = MISSING
     batch_size: int = MISSING
     seed: int = MISSING  # separate from the run's seed, so a sweep over seeds shares one teacher
+    # A pretrained teacher whose classifier already fits the dataset's classes is used as loaded (epochs 0).
+    use_fitting_pretrained: bool = MISSING
+    freeze_backbone_epochs: int = MISSING  # train the classifier alone for the first N epochs, then every layer
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -113,6 +116,25 @@ class FeatureConfig:
     loss: str = MISSING  # mse | smooth_l1 | cosine | at (attention transfer)
     align: str = MISSING  # spatial mismatch: pool the larger map | interpolate the smaller
     hint_epochs: int = MISSING  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+
+
+@dataclass
+class WandbConfig:
+    """logger=wandb: where the run goes in Weights & Biases."""
+
+    project: str = MISSING
+    entity: str | None = MISSING  # null: your default entity
+    name: str | None = MISSING  # null: the run dir's name
+    mode: str | None = MISSING  # online | offline | disabled; null: WANDB_MODE, else online (offline=true: offline)
+
+
+@dataclass
+class MlflowConfig:
+    """logger=mlflow: where the run goes in MLflow."""
+
+    tracking_uri: str | None = MISSING  # null: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    experiment: str = MISSING
+    run_name: str | None = MISSING  # null: the run dir's name
 
 
 @dataclass
@@ -156,7 +178,10 @@ class KDConfig:
     teacher_cache_views: int = MISSING  # under augmentation: cache K fixed augmented views per sample
     teacher_cache_dir: str | None = MISSING  # teacher_cache=disk: null = <teacher_store>/cache
     compile: bool = MISSING  # torch.compile the student's training forward pass
-    logger: Logger = MISSING  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
+    logger: Any = MISSING  # none | tensorboard | wandb | mlflow, or a list: [tensorboard,mlflow]
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    offline: bool = MISSING  # no network access: pretrained weights from the caches only, trackers offline
 
 
 def register_schema() -> None:
@@ -209,20 +234,20 @@ def validate(cfg: DictConfig) -> None:
             f"dataset.exclude_classes={excluded} lists class {twice} more than once; list each hidden class once"
         )
     _validate_feature(cfg)
-    if cfg.logger == Logger.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'"
-            ) from None
+    loggers(cfg)
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "it must be an integer >= 1")
     _check(cfg.lr > 0, "lr", cfg.lr, "it must be > 0 (e.g. lr=0.05)")
     t = cfg.teacher_train
-    _check(t.epochs >= 1, "teacher_train.epochs", t.epochs, "it must be an integer >= 1")
+    _check(t.epochs >= 0, "teacher_train.epochs", t.epochs, "it must be an integer >= 0 (0: the teacher as loaded)")
+    _check(
+        0 <= t.freeze_backbone_epochs <= t.epochs,
+        "teacher_train.freeze_backbone_epochs",
+        t.freeze_backbone_epochs,
+        f"it must be >= 0 and at most teacher_train.epochs ({t.epochs})",
+    )
     _check(t.lr > 0, "teacher_train.lr", t.lr, "it must be > 0")
     _check(t.batch_size >= 1, "teacher_train.batch_size", t.batch_size, "it must be an integer >= 1")
     if not DEVICE_RE.match(cfg.device):
@@ -250,6 +275,25 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0"
         )
+
+
+def loggers(cfg: DictConfig) -> list[str]:
+    """The trackers `logger` names (a name or a list of names; none: no tracker), each one installed."""
+    value = cfg.logger
+    names = [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+    for name in names:
+        if name not in LOGGERS:
+            raise UserError(
+                f"logger={name} is not accepted: use one of {', '.join(LOGGERS)}, or a list like "
+                "logger=[tensorboard,mlflow]"
+            )
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(
+                f"logger={name} needs the {name} package, which is not installed: pip install 'kdtrain[{name}]'"
+            )
+    return names
 
 
 def _check_finite(node: Any, prefix: str) -> None:

@@ -17,16 +17,18 @@ from kdtrain import baseline as baseline_store
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
 from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
-from kdtrain.config import Amp, Logger, effective_weights
+from kdtrain.config import Amp, effective_weights
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture, FeatureDistiller, parse_pairs
 from kdtrain.models import build_model, count_params
-from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table
+from kdtrain.models.hub import set_offline
+from kdtrain.report import MetricsWriter, print_table
 from kdtrain.rundir import class_names
 from kdtrain.teacher import get_teacher, precision
 from kdtrain.teacher_cache import TeacherCache, obtain
+from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
 
@@ -93,12 +95,13 @@ def _extra_columns(cfg: DictConfig) -> list[str]:
 
 
 def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[str, Any]] | None = None):
-    """The per-epoch callback (rank 0): metrics files, TensorBoard when logger=tensorboard, and the mean
+    """The per-epoch callback (rank 0): metrics files, the run's trackers (logger=...), and the mean
     validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
     writes = [MetricsWriter(folder, _extra_columns(cfg), history).write]
-    if cfg.logger == Logger.tensorboard:
-        writes.append(TensorBoardWriter(folder / "tensorboard").sink(label))
+    trackers = current()
+    if trackers is not None:
+        writes += trackers.sinks(folder, label)
 
     def on_epoch(row: dict[str, Any]) -> None:
         if excluded:
@@ -120,6 +123,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     `cfg` has passed `config.validate` (the command line is checked before Hydra starts; call it yourself when
     composing a config in code); what needs the data (sizes, classes) is checked here."""
+    set_offline(cfg.offline)
+    with tracking(cfg, run_dir) as trackers:  # a failure marks the trackers' runs failed
+        return _run(cfg, run_dir, trackers)
+
+
+def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
     start = time.time()
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = _resume(cfg, run_dir, config)
@@ -200,6 +209,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     watch = CollapseWatch("student", splits.num_classes, "lr", float(cfg.lr), skip=_hint_epochs(cfg, weights))
     for row in history:
         watch(row)
+    if main:
+        trackers.start(config)
     on_epoch = watch.then(_epoch_sink(cfg, run_dir, "student", history) if main else None)
     result = fit(
         student,
@@ -278,6 +289,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     from kdtrain.report import finish_run  # compression report, curves.png, then summary.json
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
+    trackers.finish(summary, run_dir)
     return float(result["best_val_acc"])
 
 

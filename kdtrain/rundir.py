@@ -243,6 +243,8 @@ def _build(
     """The model `model_cfg` (read from the file `source`) names, with `weights`; a custom model only if `trust`."""
     from kdtrain.models import build_model
 
+    if model_cfg.get("name") in ("torchvision", "timm"):  # the trained weights replace pretrained ones: skip them
+        model_cfg = {**model_cfg, "pretrained": None}
     model = build_model(model_cfg, num_classes, in_shape, role, None if trust else str(source))
     load_into(model, load_state_dict_file(weights, what), what, weights)
     return model.eval().requires_grad_(False)

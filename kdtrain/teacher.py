@@ -5,7 +5,9 @@ The store holds one folder per teacher, named by a hash of everything that deter
 second run or every job of a sweep reuses it. A file lock makes parallel jobs wait for one training
 instead of each training their own. A folder is checked before it is reused (its weights' sha256,
 recorded in meta.json, and finite weights): a damaged or incomplete one is trained again, and temp
-folders left by a killed training are removed.
+folders left by a killed training are removed. With teacher_train.epochs=0 (or a pretrained teacher
+whose classifier already has the dataset's classes) the teacher is stored as loaded, never trained;
+the finetune recipe may train the classifier alone first (freeze_backbone_epochs).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kdtrain.collapse import collapse_epoch, warn
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
 from kdtrain.errors import UserError, WriteError, write_error, write_problem
+from kdtrain.features import classifier_name
 from kdtrain.locks import file_lock
 from kdtrain.models import build_model, count_params
 
@@ -52,6 +55,12 @@ def teacher_identity(cfg: DictConfig, amp: str) -> dict[str, Any]:
     model = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "checkpoint"}
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in NOT_TEACHER_DATA}
     recipe = OmegaConf.to_container(cfg.teacher_train, resolve=True)
+    # Keys added later leave the identity (and so the stored teachers' folders) unchanged at their defaults.
+    recipe.pop("use_fitting_pretrained", None)  # decides whether to train, not how
+    if not recipe.get("freeze_backbone_epochs"):
+        recipe.pop("freeze_backbone_epochs", None)
+    if recipe["epochs"] == 0:  # used as loaded: only the seed (of a fresh head, if any) matters
+        recipe = {"epochs": 0, "seed": recipe["seed"]}
     return {"version": RECIPE_VERSION, "model": model, "dataset": data, "recipe": recipe, "amp": amp}
 
 
@@ -89,18 +98,58 @@ def get_teacher(
         source = str(path)
         log.info("teacher: loaded %s", path)
     else:
+        cfg = _as_loaded_if_fitting(cfg, model, splits.num_classes)
         folder = _from_store(cfg, splits, model, device, amp_dtype)
         source = str(folder)
-        if isinstance(folder, Path):  # stored, with its metrics (a teacher kept in memory has none: unknown)
-            rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            epoch = collapse_epoch(rows, splits.num_classes)
-            if epoch is not None:
-                warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
-            collapsed = epoch is not None
+        # A teacher the store could not keep (a str: kept in memory) has no stored metrics to check.
+        metrics = folder / "metrics.jsonl" if isinstance(folder, Path) else None
+        text = metrics.read_text() if metrics is not None and metrics.is_file() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        epoch = collapse_epoch(rows, splits.num_classes)
+        if epoch is not None:
+            warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
+        collapsed = epoch is not None
     model.to(device).eval().requires_grad_(False)
     val_acc = evaluate(model, splits.val, device, amp_dtype, None)["val_acc"]
     info = {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
     return model, {**info, "collapsed": collapsed}
+
+
+def _as_loaded_if_fitting(cfg: DictConfig, model: nn.Module, num_classes: int) -> DictConfig:
+    """`cfg` with teacher_train.epochs=0 when the pretrained teacher's classifier already has the
+    dataset's classes (it loaded with the weights: no head was replaced) and use_fitting_pretrained is
+    on; the choice is logged either way."""
+    t = cfg.teacher_train
+    fits = bool(getattr(model, "head_pretrained", False))
+    if t.epochs == 0:
+        if fits:
+            log.info(
+                "teacher: teacher_train.epochs=0, used as loaded (its pretrained classifier has %d classes)",
+                num_classes,
+            )
+        else:
+            log.warning(
+                "teacher: teacher_train.epochs=0 uses the teacher as loaded, but its classifier was not loaded from "
+                "pretrained weights for these %d classes (it is untrained); for a pretrained backbone with a new "
+                "classifier use teacher_train=finetune",
+                num_classes,
+            )
+        return cfg
+    if not fits:
+        return cfg
+    if not t.use_fitting_pretrained:
+        log.info(
+            "teacher: its pretrained classifier already has the dataset's %d classes; training it anyway "
+            "(teacher_train.use_fitting_pretrained=false)",
+            num_classes,
+        )
+        return cfg
+    log.info(
+        "teacher: its pretrained classifier already has the dataset's %d classes, so it is used as loaded, not "
+        "trained (teacher_train.use_fitting_pretrained=false trains it with teacher_train's recipe)",
+        num_classes,
+    )
+    return OmegaConf.merge(cfg, {"teacher_train": {"epochs": 0}})
 
 
 def sidecar_sha256(path: Path) -> str | None:
@@ -142,7 +191,8 @@ def _from_store(
             log.info("teacher: reusing %s (trained earlier with the same architecture, data and recipe)", folder)
         else:
             if problem is None:
-                log.info("teacher: none stored for this config; training it once into %s", folder)
+                what = "training it once" if cfg.teacher_train.epochs > 0 else "storing it as loaded"
+                log.info("teacher: none stored for this config; %s into %s", what, folder)
             else:
                 log.warning("teacher: the stored %s %s; training it again", folder, problem)
             if not _train_into(cfg, splits, model, device, amp_dtype, folder):
@@ -204,47 +254,26 @@ def _train_into(
     """Train the teacher into `model` and store it in `folder`; False when it could not be stored (a full
     or read-only store: logged as a warning, the model keeps the weights for this run)."""
     t = cfg.teacher_train
-    if t.batch_size > len(splits.teacher_train):
+    if t.epochs > 0 and t.batch_size > len(splits.teacher_train):
         raise UserError(
             f"teacher_train.batch_size={t.batch_size} is larger than the teacher's training set "
             f"({len(splits.teacher_train)} labelled samples); lower it"
         )
     model.to(device)
-    spec = FitSpec(
-        epochs=int(t.epochs),
-        batch_size=int(t.batch_size),
-        lr=float(t.lr),
-        seed=int(t.seed),
-        optimizer=t.optimizer,
-        scheduler=t.scheduler,
-        weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
-        label="teacher",
-        progress=cfg.progress.value,
-        distributed=False,  # rank 0 alone, the others wait
-    )
     start = time.time()
-    rows: list[str] = []
-    result = fit(
-        model,
-        splits.teacher_train,
-        splits.val,
-        spec,
-        device,
-        amp_dtype,
-        on_epoch=lambda row: rows.append(json.dumps({k: v for k, v in row.items() if k != "per_class"})),
-        augment=splits.augment,
-    )
+    rows = _fit_stages(cfg, splits, model, device, amp_dtype)
+    val_acc = rows[-1]["val_acc"] if rows else evaluate(model, splits.val, device, amp_dtype, None)["val_acc"]
     # Build the folder beside its final place, then rename: a crash never leaves a half teacher.
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(model.state_dict(), tmp / WEIGHTS)
-        (tmp / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         meta = {
             **teacher_identity(cfg, precision(amp_dtype)),
             "sha256": file_sha256(tmp / WEIGHTS),
-            "val_acc": result["last_val_acc"],
+            "val_acc": val_acc,
             "params": count_params(model),
             "seconds": time.time() - start,
         }
@@ -269,3 +298,52 @@ def _train_into(
         )
         return False
     return True
+
+
+def _fit_stages(
+    cfg: DictConfig, splits: Splits, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None
+) -> list[dict[str, Any]]:
+    """Train the teacher with teacher_train's recipe; its metrics rows (none for epochs=0).
+
+    With freeze_backbone_epochs=N the classifier trains alone for the first N epochs (a new head
+    learns before its gradients reach the pretrained backbone), then every layer for the rest, each
+    stage with its own schedule."""
+    t = cfg.teacher_train
+    frozen = min(int(t.freeze_backbone_epochs), int(t.epochs))
+    stages = [(frozen, True), (int(t.epochs) - frozen, False)]
+    rows: list[dict[str, Any]] = []
+    for epochs, head_only in stages:
+        if epochs == 0:
+            continue
+        head = classifier_name(model, "teacher") if head_only else ""
+        for name, p in model.named_parameters():
+            p.requires_grad_(not head_only or name.startswith(head + "."))
+        if head_only:
+            log.info("teacher: training its classifier %s alone for %d epoch(s), the backbone frozen", head, epochs)
+        spec = FitSpec(
+            epochs=epochs,
+            batch_size=int(t.batch_size),
+            lr=float(t.lr),
+            seed=int(t.seed),
+            optimizer=t.optimizer,
+            scheduler=t.scheduler,
+            weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
+            label="teacher",
+            progress=cfg.progress.value,
+            distributed=False,  # rank 0 alone, the others wait
+        )
+        done = len(rows)
+        fit(
+            model,
+            splits.teacher_train,
+            splits.val,
+            spec,
+            device,
+            amp_dtype,
+            on_epoch=lambda row, done=done: rows.append(
+                {**{k: v for k, v in row.items() if k != "per_class"}, "epoch": done + int(row["epoch"])}
+            ),
+            augment=splits.augment,
+        )
+    model.requires_grad_(True)
+    return rows
