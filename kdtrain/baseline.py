@@ -40,7 +40,7 @@ from kdtrain.checkpoint import (
 )
 from kdtrain.data import Splits, TensorSet
 from kdtrain.engine import FitSpec, Resume, fit, predict
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, write_problem
 from kdtrain.locks import file_lock
 
 log = logging.getLogger("kdtrain")
@@ -98,16 +98,43 @@ def obtain(
     amp_dtype: torch.dtype | None,
     build: Callable[[], nn.Module],
     spec: FitSpec,
-) -> tuple[nn.Module, dict[str, Any], Path]:
+) -> tuple[nn.Module, dict[str, Any], Path | str]:
     """The student alone from the store, trained (or continued) first when it is not there.
 
     `build()` makes the untrained student (after seeding), `spec` is its recipe (CE only). Returns the
     model (on `device`), the stored result {best_val_acc, best_epoch, last_val_acc, history, seconds,
-    reused} and the store folder. Rank 0 alone calls this (the other ranks wait)."""
+    reused} and the store folder (a note instead when the store cannot be written: this run trains its own).
+    Rank 0 alone calls this (the other ranks wait)."""
     identity = baseline_identity(cfg, amp_dtype, device)
     store = Path(cfg.teacher_store).expanduser() / "baselines"
     folder = store / baseline_key(identity)
     model = build()
+    try:
+        return _from_store(identity, splits, model, device, amp_dtype, spec, folder)
+    except OSError as e:
+        problem = write_problem(e, store)
+        if problem is None:
+            raise
+    # Derived data degrades: a store that is full or not writable gets no baseline; this run trains its own.
+    log.warning("baseline: the store %s is %s; training the student alone in memory for this run", store, problem)
+    model = build()
+    spec.checkpoint_dir, spec.distributed = None, False
+    result = fit(model, labelled_only(splits.train), splits.val, spec, device, amp_dtype)
+    kept = {k: result[k] for k in ("best_val_acc", "best_epoch", "last_val_acc", "history")}
+    source = f"{folder} (not stored: kept in memory for this run)"
+    return model, {**kept, "labelled": int((splits.train.y >= 0).sum()), "reused": False}, source
+
+
+def _from_store(
+    identity: dict[str, Any],
+    splits: Splits,
+    model: nn.Module,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    spec: FitSpec,
+    folder: Path,
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    store = folder.parent
     with file_lock(store / f".{folder.name}.lock", f"the stored baseline {folder.name}"):
         result, problem = _stored(folder)
         reused = result is not None

@@ -342,8 +342,10 @@ def _interrupted_message(e: Exception, run_dir: Path, task_overrides: list[str])
 
     last = run_dir / "checkpoints" / "last.pt"
     if isinstance(e, Interrupted) and e.checkpoint is not None and e.checkpoint.is_file():
-        then = f"checkpoints/last.pt saved; continue with: {_resume_command(run_dir, task_overrides)}"
-    elif last.is_file():  # e.g. during the baseline: the student's training is done, the baseline restarts
+        # The student's checkpoint, or the baseline's in the baseline store (kdtrain/baseline.py).
+        saved = "checkpoints/last.pt" if e.checkpoint.resolve() == last.resolve() else str(e.checkpoint)
+        then = f"{saved} saved; continue with: {_resume_command(run_dir, task_overrides)}"
+    elif last.is_file():  # a phase without checkpoints after the student's training
         then = (
             "nothing saved for the current phase (checkpoints/last.pt holds the student's last epoch); continue "
             f"with: {_resume_command(run_dir, task_overrides)}"

@@ -4,6 +4,7 @@ resumed exactly; collapse is reported."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import signal
@@ -138,6 +139,20 @@ def test_a_damaged_stored_baseline_is_trained_again(compose, tmp_path, caplog):
     _, again, _ = _obtain(cfg, splits)
     assert "fails its checksum" in caplog.text and not again["reused"]
     assert again["best_val_acc"] == first["best_val_acc"] and again["sha256"] == first["sha256"]
+
+
+def test_a_store_that_cannot_be_written_still_gives_the_run_its_baseline(compose, tmp_path, monkeypatch, caplog):
+    splits = build_dataset(compose().dataset)
+    _, stored, _ = _obtain(compose(f"teacher_store={tmp_path / 'a'}"), splits)
+
+    def no_lock(path: Path, what: str):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(baseline, "file_lock", no_lock)
+    caplog.set_level(logging.WARNING, logger="kdtrain")
+    _, memory, source = _obtain(compose(f"teacher_store={tmp_path / 'b'}"), splits)
+    assert "is not writable; training the student alone in memory" in caplog.text and "not stored" in str(source)
+    assert memory["best_val_acc"] == stored["best_val_acc"] and not memory["reused"]
 
 
 def test_collapse_at_an_absurd_lr_is_reported(compose, tmp_path, caplog):
