@@ -101,12 +101,14 @@ def get_teacher(
         cfg = _as_loaded_if_fitting(cfg, model, splits.num_classes)
         folder = _from_store(cfg, splits, model, device, amp_dtype)
         source = str(folder)
-        if isinstance(folder, Path):  # a str: not stored (a full or read-only store), no metrics to read back
-            metrics = (folder / "metrics.jsonl").read_text().splitlines()
-            epoch = collapse_epoch([json.loads(line) for line in metrics if line.strip()], splits.num_classes)
-            if epoch is not None:
-                warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
-            collapsed = epoch is not None
+        # A teacher the store could not keep (a str: kept in memory) has no stored metrics to check.
+        metrics = folder / "metrics.jsonl" if isinstance(folder, Path) else None
+        text = metrics.read_text() if metrics is not None and metrics.is_file() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        epoch = collapse_epoch(rows, splits.num_classes)
+        if epoch is not None:
+            warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
+        collapsed = epoch is not None
     model.to(device).eval().requires_grad_(False)
     val_acc = evaluate(model, splits.val, device, amp_dtype, None)["val_acc"]
     info = {"name": str(cfg.teacher.name), "val_acc": val_acc, "params": count_params(model), "source": source}
