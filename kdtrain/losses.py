@@ -31,6 +31,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return kl * (t * t)
 
 
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al. 2024): each sample's logits z-scored over the classes,
+    (z - mean) / (std + 1e-7) with the unbiased std, in float32. Invariant to a per-sample shift and
+    positive scale of the logits, so the student matches the teacher's ranking, not its logit range."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-7)
+
+
 def feature_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """Mean squared error between the (adapted) student feature and the teacher feature."""
     return F.mse_loss(student_feature.float(), teacher_feature.float())
