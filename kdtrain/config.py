@@ -6,6 +6,7 @@ ranges and cross-key rules on the composed config before any work starts.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
@@ -165,8 +166,9 @@ class KDConfig:
     logger: Logger = Logger.none  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
 
 
-def register_schema() -> None:
-    """Store the root schema: KDConfig plus one node per registered loss term's options (`dkd`, `dist`, ...)."""
+@functools.cache
+def schema() -> type:
+    """The root schema: KDConfig plus one node per registered loss term's options (`dkd`, `dist`, ...)."""
     from kdtrain.terms import load_all
 
     own = {f.name for f in fields(KDConfig)}
@@ -175,7 +177,21 @@ def register_schema() -> None:
         for cls in load_all().values()
         if cls.config_class is not None and cls.config_key not in own
     ]
-    ConfigStore.instance().store(name="kdtrain_schema", node=make_dataclass("KDConfig", extra, bases=(KDConfig,)))
+    return make_dataclass("KDConfig", extra, bases=(KDConfig,))
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="kdtrain_schema", node=schema())
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted key (terms' options included), or None."""
+    node = OmegaConf.to_container(OmegaConf.structured(schema()), enum_to_str=True)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

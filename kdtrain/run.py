@@ -163,7 +163,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     terms = LossTerms(specs, setup).to(device)
     for line in terms.describe():
         log.info("loss term %s", line)
-    log.info("loss terms in force: %s (T=%g)", _describe_weights(specs), cfg.temperature)
+    log.info("loss terms in force: %s", _describe_weights(specs))
 
     with distributed.rank0_first():
         cache = _teacher_cache(cfg, splits, teacher, terms, device, amp_dtype)

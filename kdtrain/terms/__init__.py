@@ -149,6 +149,33 @@ class Term(nn.Module):
             )
 
 
+@dataclass
+class LayerPairConfig(TermConfig):
+    """Options of a term that compares one student layer with one teacher layer."""
+
+    student: str = "auto"  # module path of the student (auto: the classifier's input, the penultimate feature)
+    teacher: str = "auto"  # module path of the teacher
+
+
+class LayerPairTerm(Term):
+    """A term on the features of one student layer and one teacher layer (`<name>.student`, `<name>.teacher`)."""
+
+    def __init__(self, cfg: LayerPairConfig, setup: Setup):
+        super().__init__(cfg, setup)
+        self.student_layers, self.teacher_layers = self.layer_paths(cfg)
+
+    @classmethod
+    def layer_paths(cls, cfg: Any) -> tuple[list[str], list[str]]:
+        return [str(cfg.student)], [str(cfg.teacher)]
+
+    def pair(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(student feature, teacher feature) of this step."""
+        return batch.student_features[self.student_layers[0]], batch.teacher_features[self.teacher_layers[0]]
+
+    def describe(self) -> list[str]:
+        return [f"student {self.student_layers[0]} <-> teacher {self.teacher_layers[0]}"]
+
+
 TERMS: dict[str, type[Term]] = {}
 
 

@@ -30,6 +30,9 @@ class KD(Term):
         self.temperature = float(setup.root.temperature) if setup.root is not None else 4.0
         self.standardize = bool(cfg.standardize) if cfg is not None else False
 
+    def describe(self) -> list[str]:
+        return [f"T={self.temperature:g}{', standardised logits' if self.standardize else ''}"]
+
     def forward(self, batch: Batch) -> Tensor:
         s, t = batch.student_logits, batch.teacher_logits
         if self.standardize:
