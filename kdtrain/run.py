@@ -332,13 +332,9 @@ def _describe_weights(specs: list[TermSpec]) -> str:
 
 def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> None:
     """Check that the layers the terms read exist in both models, on the meta device (no memory, no RNG)."""
-    paths = {"student": [], "teacher": []}
-    for s in specs:
-        student, teacher = s.cls.layer_paths(s.cfg)
-        paths["student"] += student
-        paths["teacher"] += teacher
-    for role in ("student", "teacher"):
-        if not paths[role]:
+    wanted = [(s.cls.config_key, s.cls.layer_paths(s.cfg)) for s in specs]
+    for i, role in enumerate(("student", "teacher")):
+        if not any(paths[i] for _, paths in wanted):
             continue
         try:
             with torch.device("meta"):
@@ -347,7 +343,8 @@ def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> Non
                 )
         except Exception:
             continue
-        Capture(model, paths[role], role).remove()
+        for key, paths in wanted:
+            Capture(model, paths[i], role, key).remove()
 
 
 def _baseline(

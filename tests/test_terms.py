@@ -212,3 +212,17 @@ def test_loss_terms_need_what_they_declare():
     load_all()
     terms = LossTerms([TermSpec(TERMS["ce"], None, 1.0)])
     assert not terms.needs_teacher and terms.columns == ["ce", "kd", "feat"] and terms.layers("student") == []
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("cifar100_*.yaml")),
+)
+def test_every_cifar_recipe_reads_layers_both_models_have(compose, experiment):
+    """The module paths of every recipe's terms exist in its teacher and student (checked on the meta device)."""
+    from types import SimpleNamespace
+
+    from kdtrain.run import _check_layers
+
+    cfg = compose(f"+experiment={experiment}")
+    _check_layers(cfg, resolve(cfg), SimpleNamespace(num_classes=100, in_shape=(3, 32, 32)))
