@@ -227,11 +227,7 @@ class FeatureDistiller(nn.Module):
         loss: str = "mse",
         align: str = "pool",
     ):
-        super().__init__()
-        if loss not in LOSSES:
-            raise UserError(f"feature.loss={loss} is not accepted: use one of {', '.join(LOSSES)}")
-        if align not in ALIGNS:
-            raise UserError(f"feature.align={align} is not accepted: use one of {', '.join(ALIGNS)}")
+        super().__init__()  # `loss` and `align` were checked by config.validate, with the command line
         self.pairs, self.loss_name = pairs, loss
         # Plain attributes (not submodules): the hooks are not state.
         self.__dict__["_student_capture"] = Capture(student, [p.student for p in pairs], "student")

@@ -224,5 +224,5 @@ def test_every_cifar_recipe_reads_layers_both_models_have(compose, experiment):
 
     from kdtrain.run import _check_layers
 
-    cfg = compose(f"+experiment={experiment}")
+    cfg = compose(f"experiment={experiment}")
     _check_layers(cfg, resolve(cfg), SimpleNamespace(num_classes=100, in_shape=(3, 32, 32)))
