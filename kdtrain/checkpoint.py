@@ -234,7 +234,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
 TRAINING_KEYS = ("model", "adapter", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history", "config")
 # Settings a checkpoint resumes only into unchanged: they decide the model, its data and the shape
 # of the optimizer state and schedule (the first difference is an error).
-MUST_MATCH = ("student", "teacher", "dataset", "mode", "optimizer.name", "batch_size")
+MUST_MATCH = ("student", "teacher", "dataset", "mode", "loss", "optimizer.name", "batch_size")
 # Settings that may change on resume without changing the result.
 FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline", "logger", "wandb", "mlflow", "offline")
 
@@ -294,8 +294,12 @@ def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[s
             f"resume {path} is not a kdtrain training checkpoint (it has no {(missing or ['config'])[0]!r} entry); "
             "give checkpoints/last.pt of a kdtrain run"
         )
+    from kdtrain.config import schema_default
+
     changed = []
     for key, old, new in config_differences(state["config"], config):
+        if old is _UNSET and new == schema_default(key):
+            continue  # a setting added since the checkpoint was written, at its default: the old behaviour
         if any(key == k or key.startswith(k + ".") for k in MUST_MATCH):
             raise UserError(
                 f"resume {path} was trained with {key}={_show(old)} but this run has {key}={_show(new)}; "

@@ -43,13 +43,13 @@ class Pair:
     weight: float = 1.0
 
 
-def classifier_name(model: nn.Module, role: str) -> str:
+def classifier_name(model: nn.Module, role: str, key: str = "feature") -> str:
     """Module path of the last nn.Linear: its input is the penultimate feature."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise UserError(
             f"the {role} model has no nn.Linear classifier, so its penultimate feature cannot be found; "
-            f"name a layer with feature.{role}=PATH (see kdtrain-inspect)"
+            f"name a layer with {key}.{role}=PATH (see kdtrain-inspect)"
         )
     return names[-1]
 
@@ -86,16 +86,17 @@ def parse_pairs(feature: Any) -> list[Pair]:
     return out
 
 
-def _module(model: nn.Module, path: str, role: str) -> tuple[nn.Module, bool]:
-    """(module to hook, capture its input?) for a module path; one clear error for an unknown path."""
+def _module(model: nn.Module, path: str, role: str, key: str = "feature") -> tuple[nn.Module, bool]:
+    """(module to hook, capture its input?) for a module path; one clear error for an unknown path, naming
+    the setting `key.role` it came from."""
     if path == AUTO:
-        return model.get_submodule(classifier_name(model, role)), True
+        return model.get_submodule(classifier_name(model, role, key)), True
     names = [n for n, _ in model.named_modules() if n]
     if path not in names:
         close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise UserError(
-            f"feature.{role}={path} is not a module of the {role} model{hint}; "
+            f"{key}.{role}={path} is not a module of the {role} model{hint}; "
             f"list its module paths with kdtrain-inspect{' --teacher' if role == 'teacher' else ''} (or "
             "model.named_modules())"
         )
@@ -105,12 +106,12 @@ def _module(model: nn.Module, path: str, role: str) -> tuple[nn.Module, bool]:
 class Capture:
     """Keeps the outputs of some modules from the latest forward pass; `pop` hands them over and forgets them."""
 
-    def __init__(self, model: nn.Module, paths: list[str], role: str):
+    def __init__(self, model: nn.Module, paths: list[str], role: str, key: str = "feature"):
         self.values: list[Tensor | None] = [None] * len(paths)
         self.paths = paths
         self.handles = []
         for i, path in enumerate(paths):
-            module, use_input = _module(model, path, role)
+            module, use_input = _module(model, path, role, key)
             if use_input:
                 self.handles.append(module.register_forward_pre_hook(self._keeper(i, lambda args, out: args[0])))
             else:
@@ -245,23 +246,13 @@ class FeatureDistiller(nn.Module):
         self.adapters = nn.ModuleList(Adapter(s, t, loss, align) for s, t in self.shapes)
 
     def describe(self) -> list[str]:
-        out = []
-        for p, (s, t), a in zip(self.pairs, self.shapes, self.adapters):
-            out.append(
-                f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
-                f"({self.loss_name}, weight {p.weight:g})"
-            )
-        return out
+        return describe_pairs(self.pairs, self.shapes, self.adapters, self.loss_name)
 
     def compute(self, teacher_feats: list[Tensor] | None = None) -> Tensor:
         """Weighted feature loss of the last forward pass (teacher features from the hooks, or given)."""
         s_feats = self._student_capture.pop()
         t_feats = teacher_feats if teacher_feats is not None else self._teacher_capture.pop()
-        total = torch.zeros((), device=s_feats[0].device)
-        for pair, adapter, s, t in zip(self.pairs, self.adapters, s_feats, t_feats):
-            adapted, target = adapter(s, t.detach())
-            total = total + pair.weight * pair_loss(self.loss_name, adapted, target)
-        return total
+        return pairs_loss(self.pairs, self.adapters, self.loss_name, s_feats, t_feats)
 
     def clear(self) -> None:
         """Forget features captured outside a training step (e.g. by evaluation forwards)."""
@@ -271,6 +262,36 @@ class FeatureDistiller(nn.Module):
     def remove(self) -> None:
         self._student_capture.remove()
         self._teacher_capture.remove()
+
+
+def describe_pairs(pairs: list[Pair], shapes: list[tuple], adapters: nn.ModuleList, loss: str) -> list[str]:
+    return [
+        f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
+        f"({loss}, weight {p.weight:g})"
+        for p, (s, t), a in zip(pairs, shapes, adapters)
+    ]
+
+
+def pairs_loss(
+    pairs: list[Pair], adapters: nn.ModuleList, loss: str, s_feats: list[Tensor], t_feats: list[Tensor]
+) -> Tensor:
+    """sum over pairs of weight * loss(adapter(student feature), teacher feature), in float32."""
+    total = torch.zeros((), device=s_feats[0].device)
+    for pair, adapter, s, t in zip(pairs, adapters, s_feats, t_feats):
+        adapted, target = adapter(s, t.detach())
+        total = total + pair.weight * pair_loss(loss, adapted, target)
+    return total
+
+
+def probe_shapes(
+    model: nn.Module, paths: list[str], role: str, in_shape: tuple[int, ...], device: torch.device
+) -> list[torch.Size]:
+    """Shapes of the features at `paths` (`auto`: the penultimate), from one dry forward of a batch of 2."""
+    capture = Capture(model, paths, role)
+    try:
+        return _probe(model, capture, in_shape, device)
+    finally:
+        capture.remove()
 
 
 @torch.no_grad()

@@ -17,17 +17,18 @@ from kdtrain import baseline as baseline_store
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
 from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
-from kdtrain.config import Amp, effective_weights
+from kdtrain.config import Amp
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
-from kdtrain.features import Capture, FeatureDistiller, parse_pairs
+from kdtrain.features import Capture
 from kdtrain.models import build_model, count_params
 from kdtrain.models.hub import set_offline
 from kdtrain.report import MetricsWriter, print_table
 from kdtrain.rundir import class_names
 from kdtrain.teacher import get_teacher, precision
 from kdtrain.teacher_cache import TeacherCache, obtain
+from kdtrain.terms import LEGACY_COLUMNS, LossTerms, Setup, TermSpec, resolve
 from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
@@ -68,9 +69,7 @@ def _student(cfg: DictConfig, splits: Splits, device: torch.device) -> torch.nn.
     return model.to(device)
 
 
-def _spec(
-    cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir: Path | None, extra: dict[str, Any]
-) -> FitSpec:
+def _spec(cfg: DictConfig, label: str, checkpoint_dir: Path | None, extra: dict[str, Any]) -> FitSpec:
     return FitSpec(
         epochs=int(cfg.epochs),
         batch_size=int(cfg.batch_size),
@@ -78,27 +77,28 @@ def _spec(
         seed=int(cfg.seed),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
-        weights=weights,
-        temperature=float(cfg.temperature),
         label=label,
         progress=cfg.progress.value,
         checkpoint_dir=checkpoint_dir,
         checkpoint_extra=extra,
         nan_policy=cfg.nan_policy.value,
-        hint_epochs=_hint_epochs(cfg, weights),
         compile=bool(cfg.compile),
     )
 
 
-def _extra_columns(cfg: DictConfig) -> list[str]:
-    return ["val_acc_excluded"] if cfg.dataset.exclude_classes else []
+def _extra_columns(cfg: DictConfig, terms: list[str]) -> list[str]:
+    """Metrics columns after the fixed ones: a column per loss term beyond ce, kd, feat, then the rest."""
+    own = [t for t in terms if t not in LEGACY_COLUMNS]
+    return own + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
 
 
-def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[str, Any]] | None = None):
+def _epoch_sink(
+    cfg: DictConfig, folder: Path, label: str, terms: list[str], history: list[dict[str, Any]] | None = None
+):
     """The per-epoch callback (rank 0): metrics files, the run's trackers (logger=...), and the mean
     validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
-    writes = [MetricsWriter(folder, _extra_columns(cfg), history).write]
+    writes = [MetricsWriter(folder, _extra_columns(cfg, terms), history).write]
     trackers = current()
     if trackers is not None:
         writes += trackers.sinks(folder, label)
@@ -139,10 +139,11 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
         return float(summary["student"]["best_val_acc"])
     device = resolve_device(distributed.device_for_rank(cfg.device))
     amp_dtype = resolve_amp(cfg.amp, device)
-    weights = effective_weights(cfg)
+    specs = resolve(cfg)
+    names = [s.name for s in specs]
     for key, term in (("kd_weight", "kd"), ("alpha", "feat")):
-        if cfg[key] > 0 and weights[term] == 0 and cfg.mode.value != "none":
-            log.info("%s=%s is not used: mode=%s switches the %s term off", key, cfg[key], cfg.mode.value, term)
+        if cfg[key] > 0 and term not in names and cfg.mode.value != "none":
+            log.info("%s=%s is not used: the loss terms in force (%s) leave %s out", key, cfg[key], names, term)
     splits = build_dataset(cfg.dataset)
     if cfg.batch_size > len(splits.train):
         raise UserError(
@@ -157,8 +158,7 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
         splits.num_classes,
         splits.in_shape,
     )
-    if weights["feat"] > 0:
-        _check_feature_layers(cfg, splits)  # before the teacher trains, which can take long
+    _check_layers(cfg, specs, splits)  # before the teacher trains, which can take long
 
     # Every run reports against its teacher, mode=none included (it is trained once, then reused).
     # Under torchrun rank 0 gets the teacher first (training and storing it when needed) while the
@@ -179,56 +179,39 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             log.warning(
                 "sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type
             )
-    features = None
-    if weights["feat"] > 0:
-        features = FeatureDistiller(
-            student,
-            teacher,
-            parse_pairs(cfg.feature),
-            splits.in_shape,
-            device,
-            loss=cfg.feature.loss,
-            align=cfg.feature.align,
-        ).to(device)
-        for line in features.describe():
-            log.info("feature: %s", line)
-    log.info(
-        "loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g",
-        weights["ce"],
-        weights["kd"],
-        cfg.temperature,
-        weights["feat"],
-    )
+    setup = Setup(student, teacher, splits.train, splits.num_classes, splits.in_shape, device, cfg)
+    terms = LossTerms(specs, setup).to(device)
+    for line in terms.describe():
+        log.info("loss term %s", line)
+    log.info("loss terms in force: %s", _describe_weights(specs))
 
     with distributed.rank0_first():
-        cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
+        cache = _teacher_cache(cfg, splits, teacher, terms, device, amp_dtype)
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
     history = resume.state["history"] if resume else []
-    watch = CollapseWatch("student", splits.num_classes, "lr", float(cfg.lr), skip=_hint_epochs(cfg, weights))
+    watch = CollapseWatch("student", splits.num_classes, "lr", float(cfg.lr), skip=_hint_epochs(specs))
     for row in history:
         watch(row)
     if main:
         trackers.start(config)
-    on_epoch = watch.then(_epoch_sink(cfg, run_dir, "student", history) if main else None)
+    on_epoch = watch.then(_epoch_sink(cfg, run_dir, "student", names, history) if main else None)
     result = fit(
         student,
         _train_data(cfg, splits),  # mode=none: the labelled samples only
         splits.val,
-        _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
+        _spec(cfg, "student", run_dir / "checkpoints", {"config": config}),
         device,
         amp_dtype,
+        terms=terms,
         teacher=teacher,
-        features=features,
         teacher_val_pred=teacher_pred,
         on_epoch=on_epoch,
         augment=splits.augment,
         resume=resume,
         teacher_cache=cache,
     )
-    if features is not None:
-        features.remove()
     if main:
         meta = {
             "model": OmegaConf.to_container(cfg.student, resolve=True),
@@ -248,10 +231,12 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
         return float(result["best_val_acc"])
 
     last = result["history"][-1]
+    weight = {**dict.fromkeys(LEGACY_COLUMNS, 0.0), **{s.name: s.weight for s in specs}}
     summary = {
         "mode": cfg.mode.value,
         "temperature": float(cfg.temperature),
-        "weights": {"ce_weight": weights["ce"], "kd_weight": weights["kd"], "alpha": weights["feat"]},
+        "weights": {"ce_weight": weight["ce"], "kd_weight": weight["kd"], "alpha": weight["feat"]},
+        "loss": {s.name: s.weight for s in specs},  # every term in force and its weight
         "seed": int(cfg.seed),
         "device": str(device),
         "amp": precision(amp_dtype),
@@ -297,14 +282,13 @@ def _teacher_cache(
     cfg: DictConfig,
     splits: Splits,
     teacher: torch.nn.Module,
-    features: FeatureDistiller | None,
-    weights: dict[str, float],
+    terms: LossTerms,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> TeacherCache | None:
     """The teacher-output cache for this run (teacher_cache=...), or None: the teacher runs every step."""
-    if weights["kd"] == 0 and weights["feat"] == 0:
-        return None  # mode=none: no teacher term
+    if not terms.needs_teacher:
+        return None  # e.g. mode=none: no term reads the teacher
     channels_last = wants_channels_last(None, device, teacher)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -318,7 +302,7 @@ def _teacher_cache(
         cache_dir,
         device,
         amp_dtype,
-        [p.teacher for p in features.pairs] if features is not None else [],
+        terms.layers("teacher"),
         dtype=cfg.teacher_cache_dtype.value,
         topk=cfg.teacher_cache_topk,
         temperature=float(cfg.temperature),
@@ -326,8 +310,6 @@ def _teacher_cache(
         augment=splits.augment,
         channels_last=channels_last,
     )
-    if features is not None:
-        features.clear()  # the cache's forward passes also ran the distiller's teacher hooks
     return cache
 
 
@@ -359,10 +341,22 @@ def _finished(resume: Resume, cfg: DictConfig, run_dir: Path) -> bool:
     )
 
 
-def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
-    """Check that the feature layers exist in both models, on the meta device (no memory, no RNG)."""
-    pairs = parse_pairs(cfg.feature)
-    for role in ("student", "teacher"):
+def _describe_weights(specs: list[TermSpec]) -> str:
+    def schedule(s: TermSpec) -> str:
+        parts = ([f"from epoch {s.start_epoch}"] if s.start_epoch > 1 else []) + (
+            [f"warm-up {s.warmup_epochs} epochs"] if s.warmup_epochs else []
+        )
+        return f" ({', '.join(parts)})" if parts else ""
+
+    return ", ".join(f"{s.weight:g} x {s.name}{schedule(s)}" for s in specs)
+
+
+def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> None:
+    """Check that the layers the terms read exist in both models, on the meta device (no memory, no RNG)."""
+    wanted = [(s.cls.config_key, s.cls.layer_paths(s.cfg)) for s in specs]
+    for i, role in enumerate(("student", "teacher")):
+        if not any(paths[i] for _, paths in wanted):
+            continue
         try:
             with torch.device("meta"):
                 model = build_model(
@@ -370,12 +364,13 @@ def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
                 )
         except Exception:
             continue
-        Capture(model, [getattr(p, role) for p in pairs], role).remove()
+        for key, paths in wanted:
+            Capture(model, paths[i], role, key).remove()
 
 
-def _hint_epochs(cfg: DictConfig, weights: dict[str, float]) -> int:
-    """Epochs of FitNets' hint stage (no classifier training yet: not counted by the collapse check)."""
-    return int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0
+def _hint_epochs(specs: list[TermSpec]) -> int:
+    """Epochs before every term is on (FitNets' hint stage): the collapse watch skips them."""
+    return max([s.start_epoch - 1 for s in specs if s.weight > 0] or [0])
 
 
 def _baseline(
@@ -389,8 +384,7 @@ def _baseline(
     """The student alone (CE only, weight 1, on the labelled samples; see kdtrain/baseline.py) with the
     same recipe and seed, from the baseline store (trained there first when needed); its metrics go
     into `folder`."""
-    weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
-    spec = _spec(cfg, weights, "baseline", None, {})
+    spec = _spec(cfg, "baseline", None, {})
     spec.batch_size *= distributed.world_size()  # trained by rank 0 alone: the student's global batch
 
     def build() -> torch.nn.Module:
@@ -398,7 +392,7 @@ def _baseline(
         return _student(cfg, splits, device)
 
     model, result, source = baseline_store.obtain(cfg, splits, device, amp_dtype, build, spec)
-    on_epoch = _epoch_sink(cfg, folder, "baseline")
+    on_epoch = _epoch_sink(cfg, folder, "baseline", ["ce"])
     for row in result["history"]:
         on_epoch(row)
     collapsed = collapse_epoch(result["history"], splits.num_classes)

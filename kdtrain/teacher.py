@@ -327,7 +327,6 @@ def _fit_stages(
             seed=int(t.seed),
             optimizer=t.optimizer,
             scheduler=t.scheduler,
-            weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
             label="teacher",
             progress=cfg.progress.value,
             distributed=False,  # rank 0 alone, the others wait

@@ -251,6 +251,14 @@ class EngineWay:
         self.teacher = s.teacher if weights["kd"] > 0 or weights["feat"] > 0 else None
         self.student = s.make_student()
         cfg = s.cfg
+        self.terms = None  # CE alone (the student without a teacher), else the mode's loss terms
+        if self.teacher is not None:
+            from kdtrain.terms import LossTerms, resolve
+            from kdtrain.terms import Setup as TermSetup
+
+            shape, classes = tuple(s.train.x.shape[1:]), int(s.train.y.max()) + 1
+            setup = TermSetup(self.student, self.teacher, s.train, classes, shape, device, cfg)
+            self.terms = LossTerms(resolve(cfg), setup).to(device)
         self.spec = FitSpec(
             epochs=1,
             batch_size=int(cfg.batch_size),
@@ -258,8 +266,6 @@ class EngineWay:
             seed=0,
             optimizer=cfg.optimizer,
             scheduler=cfg.scheduler,
-            weights=weights,
-            temperature=float(cfg.temperature),
             label=label,
             progress="off",
             channels_last=channels_last,  # the same choice as the plain loops (on CUDA the engine's default is on)
@@ -274,6 +280,7 @@ class EngineWay:
             self.spec,
             self.device,
             self.amp_dtype,
+            terms=self.terms,
             teacher=self.teacher,
             augment=self.s.augment,
             teacher_cache=self.cache,
