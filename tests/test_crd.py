@@ -155,3 +155,38 @@ def test_embeddings_are_unit_length():
     term = crd()
     assert torch.allclose(term.embed_s(torch.randn(5, 6)).norm(dim=1), torch.ones(5))
     assert torch.allclose(term.embed_t(torch.randn(5, 2, 2)).norm(dim=1), torch.ones(5))  # maps are flattened
+
+
+def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        term = crd()
+        s, t, idx = batch(0, [0, 3, 6, 9, 2])
+        share = torch.tensor_split(torch.arange(5), world)[rank]  # uneven shares: 3 and 2 samples
+        term(s[share], t[share], idx[share])
+        torch.save({"bank_s": term.bank_s, "bank_t": term.bank_t, "z": term.z}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_torchrun_every_rank_updates_the_banks_with_all_ranks_samples(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("bank_s", "bank_t", "z"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # identical on every rank
+
+    single = crd()  # one process, the whole batch
+    s, t, idx = batch(0, [0, 3, 6, 9, 2])
+    single(s, t, idx)
+    torch.testing.assert_close(ranks[0]["bank_s"], single.bank_s)
+    torch.testing.assert_close(ranks[0]["bank_t"], single.bank_t)
