@@ -3,12 +3,14 @@ execution: checkpoints load with `torch.load(weights_only=True)`, weights with s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created when missing) while the block runs: parallel jobs wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -148,7 +162,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
 TRAINING_KEYS = ("model", "adapter", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history", "config")
 # Settings a checkpoint resumes only into unchanged: they decide the model, its data and the shape
 # of the optimizer state and schedule (the first difference is an error).
-MUST_MATCH = ("student", "teacher", "dataset", "mode", "optimizer.name", "batch_size")
+MUST_MATCH = ("student", "teacher", "dataset", "mode", "loss", "optimizer.name", "batch_size")
 # Settings that may change on resume without changing the result.
 FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline")
 
@@ -198,8 +212,12 @@ def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[s
             f"resume {path} is not a kdtrain training checkpoint (it has no {(missing or ['config'])[0]!r} entry); "
             "give checkpoints/last.pt of a kdtrain run"
         )
+    from kdtrain.config import schema_default
+
     changed = []
     for key, old, new in config_differences(state["config"], config):
+        if old is _UNSET and new == schema_default(key):
+            continue  # a setting added since the checkpoint was written, at its default: the old behaviour
         if any(key == k or key.startswith(k + ".") for k in MUST_MATCH):
             raise UserError(
                 f"resume {path} was trained with {key}={_show(old)} but this run has {key}={_show(new)}; "

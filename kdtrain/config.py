@@ -6,8 +6,9 @@ ranges and cross-key rules on the composed config before any work starts.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any
 
@@ -15,13 +16,24 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdtrain.errors import UserError
+from kdtrain.terms import LEGACY_COLUMNS, TermConfig
 
 
 class Mode(Enum):
+    """A preset of loss terms and weights (conf/mode/NAME.yaml); `loss=[...]` chooses terms freely."""
+
     soft = "soft"
     feature = "feature"
     combined = "combined"
     none = "none"
+    dkd = "dkd"
+    dist = "dist"
+    kd_std = "kd_std"
+    rkd = "rkd"
+    pkt = "pkt"
+    sp = "sp"
+    crd = "crd"
+    reviewkd = "reviewkd"
 
 
 class Amp(Enum):
@@ -103,8 +115,8 @@ class TeacherTrainConfig:
 
 
 @dataclass
-class FeatureConfig:
-    """Which layers the feature term compares (mode=feature|combined), and how."""
+class FeatureConfig(TermConfig):
+    """Which layers the feature term (`feat`) compares, and how."""
 
     student: str | None = None  # short form for one pair: a module path of the student ...
     teacher: str | None = None  # ... and of the teacher; `auto` = the classifier's input
@@ -124,6 +136,7 @@ class KDConfig:
     teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     mode: Mode = Mode.soft
+    loss: list[str] | None = None  # the terms in force, e.g. [ce,dkd,feat]; null: the mode's (soft: [ce,kd])
     temperature: float = 4.0
     alpha: float = 1.0
     ce_weight: float = 0.1
@@ -153,8 +166,32 @@ class KDConfig:
     logger: Logger = Logger.none  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
 
 
+@functools.cache
+def schema() -> type:
+    """The root schema: KDConfig plus one node per registered loss term's options (`dkd`, `dist`, ...)."""
+    from kdtrain.terms import load_all
+
+    own = {f.name for f in fields(KDConfig)}
+    extra = [
+        (cls.config_key, cls.config_class, field(default_factory=cls.config_class))
+        for cls in load_all().values()
+        if cls.config_class is not None and cls.config_key not in own
+    ]
+    return make_dataclass("KDConfig", extra, bases=(KDConfig,))
+
+
 def register_schema() -> None:
-    ConfigStore.instance().store(name="kdtrain_schema", node=KDConfig)
+    ConfigStore.instance().store(name="kdtrain_schema", node=schema())
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted key (terms' options included), or None."""
+    node = OmegaConf.to_container(OmegaConf.structured(schema()), enum_to_str=True)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -207,11 +244,25 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(cfg[key], DictConfig) or "name" not in cfg[key]:
             raise UserError(f"{key} has no model name; choose one with {key}=NAME (see conf/{key}/)")
         resolve_builder(OmegaConf.to_container(cfg[key], resolve=True), key)
-    weights = effective_weights(cfg)
-    if not any(weights.values()):
+    _validate_terms(cfg)
+
+
+def _validate_terms(cfg: DictConfig) -> None:
+    from kdtrain.terms import resolve
+
+    specs = resolve(cfg)
+    for spec in specs:
+        _check(spec.weight >= 0, spec.cls.weight_key, spec.weight, "it must be >= 0")
+        if spec.cfg is not None:
+            spec.cls.check(spec.cfg, cfg)
+    if not any(s.weight for s in specs):
         raise UserError(
             f"every loss weight in force is 0 for mode={cfg.mode.value}; set ce_weight, kd_weight or alpha > 0"
+            if cfg.loss is None
+            else f"every loss weight in force is 0 for loss=[{','.join(s.name for s in specs)}]; set a weight > 0"
         )
+    if not any(s.weight and s.start_epoch == 1 for s in specs):
+        raise UserError("no loss term is on at epoch 1; lower a term's start_epoch to 1")
 
 
 def _validate_feature(cfg: DictConfig) -> None:
@@ -229,7 +280,10 @@ def _validate_feature(cfg: DictConfig) -> None:
         f"it must be >= 0 and less than epochs ({cfg.epochs}), so the mode's loss trains at least one epoch",
     )
     if f.hint_epochs and not effective_weights(cfg)["feat"]:
-        raise UserError("feature.hint_epochs needs the feature term: use mode=feature or mode=combined with alpha > 0")
+        raise UserError(
+            "feature.hint_epochs needs the feature term: use mode=feature or mode=combined with alpha > 0 "
+            "(or put feat in loss=[...])"
+        )
     parse_pairs(f)
 
 
@@ -266,12 +320,9 @@ def _validate_recipe(prefix: str, opt: DictConfig, sched: DictConfig) -> None:
 
 
 def effective_weights(cfg: DictConfig) -> dict[str, float]:
-    """Loss weights in force: the mode switches terms on, the weights scale them."""
-    mode = cfg.mode if isinstance(cfg.mode, Mode) else Mode(cfg.mode)
-    kd_on = mode in (Mode.soft, Mode.combined)
-    feat_on = mode in (Mode.feature, Mode.combined)
-    return {
-        "ce": float(cfg.ce_weight),
-        "kd": float(cfg.kd_weight) if kd_on else 0.0,
-        "feat": float(cfg.alpha) if feat_on else 0.0,
-    }
+    """Loss weights in force: ce, kd, feat (0 when off, as the metrics columns), then the other terms in force."""
+    from kdtrain.terms import resolve
+
+    weights = dict.fromkeys(LEGACY_COLUMNS, 0.0)
+    weights.update({spec.name: spec.weight for spec in resolve(cfg)})
+    return weights

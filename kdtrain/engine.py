@@ -1,8 +1,10 @@
-"""The one training loop, for the teacher (CE only) and the student (CE + KD + feature terms).
+"""The one training loop, for the teacher (CE only) and the student (a weighted sum of loss terms,
+kdtrain.terms; the loop knows none of them by name).
 
-Per step: student forward (and teacher forward without grad, eval mode) under one autocast
-context, loss math in float32, a GradScaler only for float16. Metrics are summed on the device
-and read once per epoch; the step's one host sync is the non-finite-loss check (see `fit`).
+Per step (`_Training.train_epoch`): forward (student, and the teacher without grad in eval mode, or
+its cache: `TeacherSource`) under one autocast context, the loss terms (float32 math), the
+non-finite check, the optimizer step (a GradScaler only for float16), the meters (`Meters`: summed on
+the device and read once per epoch; the step's one host sync is the non-finite-loss check).
 With a teacher cache (teacher_cache.py) the teacher's forward pass is skipped: its logits and
 features are looked up by sample index. On CUDA: cuDNN autotuning, channels_last for conv nets,
 optionally torch.compile on the student (checkpoints hold the uncompiled module's weights).
@@ -38,9 +40,9 @@ from kdtrain import distributed
 from kdtrain.checkpoint import load_into, save_checkpoint
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
-from kdtrain.features import FeatureDistiller
-from kdtrain.losses import ce_loss, kd_loss, total_loss
+from kdtrain.features import Capture
 from kdtrain.teacher_cache import TeacherCache
+from kdtrain.terms import Batch, LossTerms, ce_only
 
 log = logging.getLogger("kdtrain")
 
@@ -53,14 +55,11 @@ class FitSpec:
     seed: int
     optimizer: Any  # OptimizerConfig-like
     scheduler: Any  # SchedulerConfig-like
-    weights: dict[str, float]  # ce, kd, feat
-    temperature: float = 4.0
     label: str = "student"  # shown in progress lines
     progress: str = "auto"  # auto | bar | log | off
     checkpoint_dir: Path | None = None
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint (config, ...)
     nan_policy: str = "stop"  # a non-finite loss: stop (raise UserError) | skip (drop the step, count it)
-    hint_epochs: int = 0  # FitNets stage 1: the first epochs train on the feature (hint) term alone
     distributed: bool = (
         True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
     )
@@ -267,139 +266,239 @@ def _finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack(floats).all()) if floats else True
 
 
-def fit(
-    model: nn.Module,
-    train: TensorSet,
-    val: TensorSet,
-    spec: FitSpec,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    teacher: nn.Module | None = None,
-    features: FeatureDistiller | None = None,
-    teacher_val_pred: Tensor | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    augment: Callable[[Tensor], Tensor] | None = None,
-    resume: Resume | None = None,
-    teacher_cache: TeacherCache | None = None,
-) -> dict[str, Any]:
-    """Train `model` for `spec.epochs` (continuing from `resume` when given); return
-    {"best_val_acc", "last_val_acc", "best_epoch", "history"} over every epoch, resumed ones included.
+class TeacherSource:
+    """Where the teacher's outputs come from at a step: a forward pass of the frozen teacher (hooks
+    capture its features), or the teacher cache looked up by sample index. It also prepares the
+    step's inputs: with a cache of augmented views, each sample's input is one of its cached views
+    (drawn per step), so student and teacher still see the same input."""
 
-    With `teacher_cache`, the teacher's logits (and the teacher-side features of `features`' pairs) come
-    from the cache by sample index instead of a forward pass; with a cache of augmented views, each
-    sample's batch input is one of its cached views (drawn per step), so student and teacher still see
-    the same input."""
-    w = spec.weights
-    needs_teacher = w["kd"] > 0 or w["feat"] > 0
-    if needs_teacher and teacher is None and teacher_cache is None:
-        raise ValueError("a teacher is needed for the KD and feature terms")
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, no grad
-    if w["feat"] > 0 and features is None:
-        raise ValueError("the feature term needs a FeatureDistiller")
-    cache = teacher_cache if needs_teacher else None
-    if cache is not None:
-        if cache.views and augment is None:
-            raise ValueError("a teacher cache of augmented views needs the augmentation that replays them")
-        if w["feat"] > 0 and len(cache.features) != len(features.pairs):
-            raise ValueError(
-                f"the teacher cache holds {len(cache.features)} feature layers, the feature term "
-                f"compares {len(features.pairs)}"
+    def __init__(
+        self,
+        terms: LossTerms,
+        teacher: nn.Module | None,
+        cache: TeacherCache | None,
+        augment: Callable[[Tensor], Tensor] | None,
+    ):
+        self.needed, self.augment = terms.needs_teacher, augment
+        self.cache = cache if self.needed else None
+        self.teacher = teacher if self.needed and self.cache is None else None
+        self.layers = terms.layers("teacher")
+        if self.needed and teacher is None and cache is None:
+            raise ValueError(f"a teacher is needed for the {', '.join(terms.names)} terms")
+        if self.cache is not None:
+            if self.cache.views and augment is None:
+                raise ValueError("a teacher cache of augmented views needs the augmentation that replays them")
+            if len(self.cache.features) != len(self.layers):
+                raise ValueError(
+                    f"the teacher cache holds {len(self.cache.features)} feature layers, the terms read "
+                    f"{len(self.layers)}"
+                )
+        self.capture = (
+            Capture(self.teacher, self.layers, "teacher") if self.teacher is not None and self.layers else None
+        )
+
+    def inputs(self, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(the batch input, each sample's cached view or None)."""
+        if self.cache is not None and self.cache.views:
+            view = self.cache.draw_views(len(idx))  # one of each sample's K cached views, replayed exactly
+            return self.augment.at(x, *self.cache.view_params(idx, view)), view
+        if self.augment is not None:
+            return self.augment(x), None  # the teacher sees the same augmented batch as the student
+        return x, None
+
+    def outputs(self, x: Tensor, idx: Tensor, view: Tensor | None) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """(teacher logits, teacher features by module path), or (None, {}) when no term needs the teacher."""
+        if self.cache is not None:
+            logits, feats = self.cache.lookup(idx, view)  # no teacher forward pass
+            return logits, dict(zip(self.layers, feats))
+        if self.teacher is None:
+            return None, {}
+        with torch.no_grad():
+            logits = self.teacher(x)
+        return logits, dict(zip(self.layers, self.capture.pop())) if self.capture is not None else {}
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+
+
+class Meters:
+    """Running sums of an epoch on the device, read once at its end: [samples, labelled, correct,
+    total loss, one per metrics column of the terms (ce, kd, feat, then the others)], each times the
+    batch size (a mid-epoch checkpoint stores them; the first 7 are the layout before loss terms)."""
+
+    def __init__(self, columns: list[str], device: torch.device):
+        self.columns, self.device = columns, device
+        self.sums = torch.zeros(4 + len(columns), device=device)
+
+    def add(self, logits: Tensor, y: Tensor, loss: Tensor, values: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            labelled = y >= 0
+            n = torch.tensor(float(len(y)), device=self.device)
+            zero = torch.zeros((), device=self.device)
+            self.sums += torch.stack(
+                [
+                    n,
+                    labelled.sum().float(),
+                    ((logits.argmax(1) == y) & labelled).sum().float(),
+                    loss.detach().float() * n,
+                    *(values.get(c, zero).detach().float() * n for c in self.columns),
+                ]
             )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks the fastest kernels once
-    channels_last = wants_channels_last(spec.channels_last, device, model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        if teacher is not None and cache is None:
-            teacher.to(memory_format=torch.channels_last)
-    # The training forward may be compiled; `model` (the original module) is what is checkpointed,
-    # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
-    ddp = spec.distributed and distributed.enabled() and torch.distributed.is_initialized()
-    world, rank = (distributed.world_size(), distributed.rank()) if ddp else (1, 0)
-    forward: nn.Module = model
-    if ddp:
-        # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast
-        # at the start); hooks stay on `model`'s modules. The adapters' few gradients are averaged by
-        # hand after backward. A hint stage leaves the classifier without gradients: DDP must know.
-        forward = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=spec.hint_epochs > 0,
-        )
-        for p in features.parameters() if features is not None else []:
-            torch.distributed.broadcast(p.data, src=0)
-    if spec.compile:
-        forward = torch.compile(forward)
-    # The adapters are training state: optimised, checkpointed ("adapter") and resumed with the student.
-    adapter: nn.Module = features if features is not None and w["feat"] > 0 else nn.Identity()
-    params = [p for p in list(model.parameters()) + list(adapter.parameters()) if p.requires_grad]
-    optimizer = make_optimizer(params, spec.optimizer, spec.lr)
-    batches = DeviceBatches(train, spec.batch_size, device, shuffle=True, seed=spec.seed, rank=rank, world=world)
-    steps_per_epoch = len(batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(spec.scheduler, step / steps_per_epoch, spec.epochs)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
-    # Only rank 0 writes checkpoints and metrics.
-    last_path = spec.checkpoint_dir / "last.pt" if spec.checkpoint_dir is not None and rank == 0 else None
-    if rank != 0:
-        on_epoch = None
 
-    history: list[dict[str, Any]] = []
-    best = {"val_acc": -1.0, "epoch": 0}
-    partial: dict[str, Any] | None = None
-    if resume is not None:
-        history, best, partial = _restore(
-            resume, model, adapter, optimizer, scheduler, scaler, batches, device, spec, steps_per_epoch
-        )
-        log.info(
-            "%s: resuming from %s after epoch %d%s",
-            spec.label,
-            resume.path,
-            len(history),
-            f" and {partial['batches']} of {steps_per_epoch} steps of epoch {len(history) + 1}" if partial else "",
-        )
+    def row(self, totals: list[float]) -> dict[str, float]:
+        """Per-sample means (NaN when every step was skipped: no training loss to report)."""
+        samples = totals[0] or float("nan")
+        return {"loss": totals[3] / samples, **{c: v / samples for c, v in zip(self.columns, totals[4:])}}
 
-    def state(epoch_done: int, step: int, partial_state: dict[str, Any] | None) -> dict[str, Any]:
+
+def _step_input(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class _Training:
+    """One `fit` call's state: the student's forward (DDP / compiled), the loss terms, optimizer, schedule,
+    scaler, data, teacher source and hooks; `state()` is what a checkpoint holds."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TensorSet,
+        spec: FitSpec,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        terms: LossTerms,
+        teacher: nn.Module | None,
+        teacher_cache: TeacherCache | None,
+        augment: Callable[[Tensor], Tensor] | None,
+    ):
+        self.model, self.spec, self.device, self.terms = model, spec, device, terms
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, no grad
+        self.source = TeacherSource(terms, teacher, teacher_cache, augment)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks the fastest kernels once
+        self.channels_last = wants_channels_last(spec.channels_last, device, model)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+            if self.source.teacher is not None:
+                self.source.teacher.to(memory_format=torch.channels_last)
+        self.ddp = spec.distributed and distributed.enabled() and torch.distributed.is_initialized()
+        self.world, self.rank = (distributed.world_size(), distributed.rank()) if self.ddp else (1, 0)
+        # The training forward may be compiled; `model` (the original module) is what is checkpointed,
+        # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
+        self.forward: nn.Module = model
+        if self.ddp:
+            # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast
+            # at the start); hooks stay on `model`'s modules. The terms' few gradients (adapters, heads) are
+            # averaged by hand after backward. A term that starts later leaves parameters without gradients.
+            self.forward = DDP(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=terms.delayed,
+            )
+            for p in terms.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        if spec.compile:
+            self.forward = torch.compile(self.forward)
+        self.student_capture = Capture(model, terms.layers("student"), "student") if terms.layers("student") else None
+        # The terms' parameters are training state: optimised, checkpointed and resumed with the student.
+        params = [p for p in list(model.parameters()) + list(terms.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(params, spec.optimizer, spec.lr)
+        self.batches = DeviceBatches(
+            train, spec.batch_size, device, shuffle=True, seed=spec.seed, rank=self.rank, world=self.world
+        )
+        self.steps_per_epoch = steps = len(self.batches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(spec.scheduler, step / steps, spec.epochs)
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+        # Only rank 0 writes checkpoints and metrics.
+        self.last_path = spec.checkpoint_dir / "last.pt" if spec.checkpoint_dir is not None and self.rank == 0 else None
+        self.history: list[dict[str, Any]] = []
+        self.best = {"val_acc": -1.0, "epoch": 0}
+
+    def step(self, x: Tensor, y: Tensor, idx: Tensor, epoch: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Forward and loss terms of one batch: (student logits, loss, each term's value)."""
+        x, view = self.source.inputs(x, idx)
+        x = _step_input(x, self.channels_last)
+        with self.autocast:
+            logits = self.forward(x)
+            teacher_logits, teacher_feats = self.source.outputs(x, idx, view)
+            student_feats = (
+                dict(zip(self.terms.layers("student"), self.student_capture.pop())) if (self.student_capture) else {}
+            )
+            batch = Batch(logits, y, idx, epoch, teacher_logits, student_feats, teacher_feats)
+            values, loss = self.terms(batch)
+        return logits, loss, values
+
+    def update(self, loss: Tensor, batch_size: int, i: int) -> None:
+        """Backward and optimizer step."""
+        if self.ddp:
+            # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the
+            # global batch makes that average the gradient of the global batch's mean.
+            loss = loss * (batch_size * self.world / self.batches.global_size(i))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.ddp:
+            distributed.average_gradients(list(self.terms.parameters()))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    def skip(self) -> None:
+        """A dropped step (nan_policy=skip): the schedule follows the batches, updated or not."""
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when step 1 is skipped
+            warnings.simplefilter("ignore")
+            self.scheduler.step()
+
+    def clear_hooks(self) -> None:
+        """Hooks keep nothing past a step: drop what evaluation forwards captured."""
+        if self.student_capture is not None:
+            self.student_capture.values = [None] * len(self.student_capture.paths)
+
+    def close(self) -> None:
+        if self.student_capture is not None:
+            self.student_capture.remove()
+        self.source.close()
+
+    def term_states(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """(`adapter`: the feat term's state, as before; `terms`: every other term's state that is not empty)."""
+        states = {name: term.state_dict() for name, term in self.terms.terms.items()}
+        adapter = states.pop("feat", {})
+        return adapter, {name: sd for name, sd in states.items() if sd}
+
+    def state(self, epoch_done: int, step: int, partial: dict[str, Any] | None) -> dict[str, Any]:
+        adapter, terms = self.term_states()
         return {
-            "model": model.state_dict(),
-            "adapter": adapter.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
+            "model": self.model.state_dict(),
+            "adapter": adapter,
+            "terms": terms,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": epoch_done,  # completed epochs
             "step": step,  # optimizer steps taken (skipped ones included)
-            "best_val_acc": best["val_acc"],
-            "best_epoch": best["epoch"],
-            "rng": _rng_state(batches, device),
-            "history": history,  # the metrics rows of the completed epochs
+            "best_val_acc": self.best["val_acc"],
+            "best_epoch": self.best["epoch"],
+            "rng": _rng_state(self.batches, self.device),
+            "history": self.history,  # the metrics rows of the completed epochs
             # Set in a mid-epoch checkpoint: how far into epoch `epoch + 1` it is, with that epoch's data
             # order (the batch generator's state at its start) and running sums, so resume continues exactly.
-            "partial": partial_state,
-            "world_size": world,  # a checkpoint from N ranks resumes on M (see _restore)
-            **spec.checkpoint_extra,
+            "partial": partial,
+            "world_size": self.world,  # a checkpoint from N ranks resumes on M (see _restore)
+            **self.spec.checkpoint_extra,
         }
 
-    # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
-    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", "0")) if last_path is not None else 0
-    for epoch in range(len(history) + 1, spec.epochs + 1):
-        model.train()
-        adapter.train()
-        # FitNets' two stages: the hint alone first (parameters past the guided layer get no
-        # gradient, so set_to_none leaves them untouched, weight decay included), then the mode's loss.
-        stage_weights = {"ce": 0.0, "kd": 0.0, "feat": w["feat"]} if epoch <= spec.hint_epochs else w
-        if epoch == spec.hint_epochs + 1 and spec.hint_epochs:
-            log.info(
-                "%s: hint stage done after epoch %d; training on the mode's loss from now on",
-                spec.label,
-                spec.hint_epochs,
-            )
+    def train_epoch(self, epoch: int, partial: dict[str, Any] | None) -> tuple[list[float], float, int]:
+        """One epoch from its first step (or where `partial` stopped): (the meters' totals over every rank,
+        seconds, skipped steps). A SIGINT/SIGTERM ends it after the current step with a mid-epoch checkpoint."""
+        spec, batches = self.spec, self.batches
+        self.model.train()
+        self.terms.train()
         order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
-        # Running sums on the device: [samples, labelled, correct, total, ce, kd, feat].
-        sums = torch.zeros(7, device=device)
+        meters = Meters(self.terms.columns, self.device)
         first, skipped, seconds_before = 0, 0, 0.0
         if partial is not None:
             order, first, skipped, seconds_before = (
@@ -409,10 +508,10 @@ def fit(
                 partial["seconds"],
             )
             batches.generator.set_state(order)
-            if rank == 0:  # the saved sums are all ranks' together
-                sums = partial["sums"].to(device)
-            partial = None
+            if self.rank == 0:  # the saved sums are all ranks' together
+                meters.sums[: len(partial["sums"])] = partial["sums"].to(self.device)
         start = time.perf_counter()
+        show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
         bar = tqdm(
             batches.epoch(first),
             desc=f"{spec.label} {epoch}/{spec.epochs}",
@@ -420,172 +519,158 @@ def fit(
             disable=not show_bar,
             file=sys.stderr,
             initial=first,
-            total=steps_per_epoch,
+            total=self.steps_per_epoch,
         )
         for i, (x, y, idx) in enumerate(bar, start=first):
-            step = (epoch - 1) * steps_per_epoch + i + 1
-            view = None
-            if cache is not None and cache.views:
-                view = cache.draw_views(len(idx))  # one of each sample's K cached views, replayed exactly
-                x = augment.at(x, *cache.view_params(idx, view))
-            elif augment is not None:
-                x = augment(x)  # the teacher sees the same augmented batch as the student
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = forward(x)
-                teacher_logits, teacher_feats = None, None
-                if cache is not None:
-                    teacher_logits, teacher_feats = cache.lookup(idx, view)  # no teacher forward pass
-                elif needs_teacher:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-            terms: dict[str, Tensor] = {"ce": ce_loss(logits, y)}
-            if w["kd"] > 0:
-                terms["kd"] = kd_loss(logits, teacher_logits, spec.temperature)
-            if w["feat"] > 0:
-                with autocast:
-                    terms["feat"] = features.compute(teacher_feats)
-            loss = total_loss(terms, stage_weights)
-            if ddp:
-                # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
-                # the global batch makes that average the gradient of the global batch's mean.
-                loss_to_backward = loss * (len(idx) * world / batches.global_size(i))
-            else:
-                loss_to_backward = loss
+            logits, loss, values = self.step(x, y, idx, epoch)
             # The loop's one host sync per step, and worth it: the verdict must come before
             # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays
             # good and the error names the step; skip: the update is dropped). It waits for the
             # forward pass only (backward is not queued yet); on the CPU nothing is queued at all, and
             # with fp16 GradScaler.step() syncs once per step anyway.
-            finite, stop = _step_verdict(loss, ddp)
-            if not finite:
-                if spec.nan_policy != "skip":
-                    bar.close()
-                    _stop_non_finite(spec, terms, epoch, i + 1, steps_per_epoch, last_path)
+            finite, stop = _step_verdict(loss, self.ddp)
+            if finite:
+                self.update(loss, len(idx), i)
+                meters.add(logits, y, loss, values)
+            elif spec.nan_policy == "skip":
                 skipped += 1
-                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when step 1 is skipped
-                    warnings.simplefilter("ignore")
-                    scheduler.step()  # the schedule follows the batches, updated or not
+                self.skip()
             else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss_to_backward).backward()
-                if ddp and features is not None:
-                    distributed.average_gradients(list(features.parameters()))
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                with torch.no_grad():
-                    labelled = y >= 0
-                    n = torch.tensor(float(len(y)), device=device)
-                    sums += torch.stack(
-                        [
-                            n,
-                            labelled.sum().float(),
-                            ((logits.argmax(1) == y) & labelled).sum().float(),
-                            loss.detach().float() * n,
-                            terms["ce"].detach() * n,
-                            terms.get("kd", torch.zeros((), device=device)).detach() * n,
-                            terms.get("feat", torch.zeros((), device=device)).detach() * n,
-                        ]
-                    )
-            if stop and i + 1 < steps_per_epoch:
                 bar.close()
-                where = f"epoch {epoch}, step {i + 1}/{steps_per_epoch}"
-                all_sums = distributed.all_reduce_sum(sums.clone()) if ddp else sums
-                if last_path is not None:
-                    done = {
-                        "batches": i + 1,
-                        "order": order,
-                        "sums": all_sums.cpu(),
-                        "skipped": skipped,
-                        "seconds": seconds_before + time.perf_counter() - start,
-                    }
-                    save_checkpoint(state(epoch - 1, step, done), last_path)
-                raise Interrupted(STOP.signum, last_path, where)
-        totals = (distributed.all_reduce_sum(sums) if ddp else sums).tolist()  # the one sync of the epoch
-        seconds = seconds_before + time.perf_counter() - start
+                _stop_non_finite(spec, values, epoch, i + 1, self.steps_per_epoch, self.last_path)
+            if stop and i + 1 < self.steps_per_epoch:
+                bar.close()
+                self._save_mid_epoch(epoch, i, order, meters, skipped, seconds_before + time.perf_counter() - start)
+                raise Interrupted(STOP.signum, self.last_path, f"epoch {epoch}, step {i + 1}/{self.steps_per_epoch}")
+        totals = (distributed.all_reduce_sum(meters.sums) if self.ddp else meters.sums).tolist()  # one sync an epoch
         bar.close()
-        if not _finite([*model.state_dict().values(), *adapter.state_dict().values()]):
-            # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
-            raise UserError(
-                f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
-                f"{_keep_note(last_path)}; {_nan_hint(spec)}"
-            )
-        result = evaluate(model, val, device, amp_dtype, teacher_val_pred)
-        if features is not None:
-            features.clear()  # hooks keep nothing past a step: drop what the evaluation forwards captured
-        samples = totals[0] or float("nan")  # every step skipped: no training loss to report
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": totals[3] / samples,
-            "ce": totals[4] / samples,
-            "kd": totals[5] / samples,
-            "feat": totals[6] / samples,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_acc": totals[2] / max(totals[1], 1.0),
-            "val_acc": result["val_acc"],
-            "agreement": result.get("agreement", float("nan")),
-            "samples_per_sec": totals[0] / seconds,
-            "epoch_seconds": seconds,
-            "skipped_steps": skipped,
-            "per_class": result["per_class"],
-        }
-        improved = row["val_acc"] > best["val_acc"]
+        return totals, seconds_before + time.perf_counter() - start, skipped
+
+    def _save_mid_epoch(self, epoch: int, i: int, order: Tensor, meters: Meters, skipped: int, seconds: float) -> None:
+        all_sums = distributed.all_reduce_sum(meters.sums.clone()) if self.ddp else meters.sums
+        if self.last_path is not None:
+            done = {"batches": i + 1, "order": order, "sums": all_sums.cpu(), "skipped": skipped, "seconds": seconds}
+            save_checkpoint(self.state(epoch - 1, (epoch - 1) * self.steps_per_epoch + i + 1, done), self.last_path)
+
+    def save_epoch(self, epoch: int, improved: bool) -> None:
+        if self.last_path is None:
+            return
+        ckpt = self.state(epoch, epoch * self.steps_per_epoch, None)
+        save_checkpoint(ckpt, self.last_path)
         if improved:
-            best = {"val_acc": row["val_acc"], "epoch": epoch}
-        # The row is written before the checkpoint: a crash between the two leaves a row that
-        # resume drops (it keeps the rows of the epochs the checkpoint holds, from its history).
-        if on_epoch is not None:
-            on_epoch(row)
-        history.append(row)
-        if last_path is not None:
-            ckpt = state(epoch, epoch * steps_per_epoch, None)
-            save_checkpoint(ckpt, last_path)
+            save_checkpoint(ckpt, self.last_path.with_name("best.pt"))
+
+
+def fit(
+    model: nn.Module,
+    train: TensorSet,
+    val: TensorSet,
+    spec: FitSpec,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    terms: LossTerms | None = None,
+    teacher: nn.Module | None = None,
+    teacher_val_pred: Tensor | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    augment: Callable[[Tensor], Tensor] | None = None,
+    resume: Resume | None = None,
+    teacher_cache: TeacherCache | None = None,
+) -> dict[str, Any]:
+    """Train `model` on the loss `terms` (default: CE alone) for `spec.epochs` (continuing from `resume`
+    when given); return {"best_val_acc", "last_val_acc", "best_epoch", "history"} over every epoch,
+    resumed ones included.
+
+    With `teacher_cache`, the teacher's logits and features come from the cache by sample index
+    instead of a forward pass (see TeacherSource)."""
+    terms = terms if terms is not None else LossTerms(ce_only())
+    t = _Training(model, train, spec, device, amp_dtype, terms, teacher, teacher_cache, augment)
+    if t.rank != 0:
+        on_epoch = None
+    partial: dict[str, Any] | None = None
+    if resume is not None:
+        partial = _restore(resume, t)
+        log.info(
+            "%s: resuming from %s after epoch %d%s",
+            spec.label,
+            resume.path,
+            len(t.history),
+            f" and {partial['batches']} of {t.steps_per_epoch} steps of epoch {len(t.history) + 1}" if partial else "",
+        )
+    # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
+    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", "0")) if t.last_path is not None else 0
+    try:
+        for epoch in range(len(t.history) + 1, spec.epochs + 1):
+            for s in terms.specs:
+                if s.start_epoch == epoch > 1 and s.weight > 0:
+                    log.info("%s: the %s term is on from epoch %d", spec.label, s.name, epoch)
+            totals, seconds, skipped = t.train_epoch(epoch, partial)
+            partial = None
+            if not _finite([*model.state_dict().values(), *terms.state_dict().values()]):
+                # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
+                raise UserError(
+                    f"{spec.label}: the weights became non-finite in epoch {epoch} (an update overflowed); "
+                    f"{_keep_note(t.last_path)}; {_nan_hint(spec)}"
+                )
+            result = evaluate(model, val, device, amp_dtype, teacher_val_pred)
+            t.clear_hooks()
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                **Meters(terms.columns, device).row(totals),
+                "lr": t.optimizer.param_groups[0]["lr"],
+                "train_acc": totals[2] / max(totals[1], 1.0),
+                "val_acc": result["val_acc"],
+                "agreement": result.get("agreement", float("nan")),
+                "samples_per_sec": totals[0] / seconds,
+                "epoch_seconds": seconds,
+                "skipped_steps": skipped,
+                "per_class": result["per_class"],
+            }
+            improved = row["val_acc"] > t.best["val_acc"]
             if improved:
-                save_checkpoint(ckpt, last_path.with_name("best.pt"))
+                t.best = {"val_acc": row["val_acc"], "epoch": epoch}
+            # The row is written before the checkpoint: a crash between the two leaves a row that
+            # resume drops (it keeps the rows of the epochs the checkpoint holds, from its history).
+            if on_epoch is not None:
+                on_epoch(row)
+            t.history.append(row)
+            t.save_epoch(epoch, improved)
             if epoch == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        if spec.progress != "off":
-            log.info(
-                "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
-                spec.label,
-                epoch,
-                spec.epochs,
-                row["loss"],
-                row["train_acc"],
-                row["val_acc"],
-                row["samples_per_sec"],
-                f"  ({skipped} non-finite steps skipped)" if skipped else "",
-            )
-        if _stop_requested(ddp, device) and epoch < spec.epochs:
-            raise Interrupted(STOP.signum, last_path, f"the end of epoch {epoch}")
+            if spec.progress != "off":
+                log.info(
+                    "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
+                    spec.label,
+                    epoch,
+                    spec.epochs,
+                    row["loss"],
+                    row["train_acc"],
+                    row["val_acc"],
+                    row["samples_per_sec"],
+                    f"  ({skipped} non-finite steps skipped)" if skipped else "",
+                )
+            if _stop_requested(t.ddp, device) and epoch < spec.epochs:
+                raise Interrupted(STOP.signum, t.last_path, f"the end of epoch {epoch}")
+    finally:
+        t.close()
     return {
-        "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"],
-        "last_val_acc": history[-1]["val_acc"],
-        "history": history,
+        "best_val_acc": t.best["val_acc"],
+        "best_epoch": t.best["epoch"],
+        "last_val_acc": t.history[-1]["val_acc"],
+        "history": t.history,
     }
 
 
-def _restore(
-    resume: Resume,
-    model: nn.Module,
-    adapter: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    batches: DeviceBatches,
-    device: torch.device,
-    spec: FitSpec,
-    steps_per_epoch: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
-    """Load a checkpoint's training state; return (history, best, mid-epoch state or None)."""
-    s, path = resume.state, resume.path
-    load_into(model, s["model"], "resume", path)
-    load_into(adapter, s["adapter"], "resume (feature adapter)", path)
+def _restore(resume: Resume, t: _Training) -> dict[str, Any] | None:
+    """Load a checkpoint's training state into `t` (history and best too); return the mid-epoch state or None."""
+    s, path, spec, steps_per_epoch = resume.state, resume.path, t.spec, t.steps_per_epoch
+    load_into(t.model, s["model"], "resume", path)
+    # Checkpoints before loss terms hold the feat term's adapters under `adapter` only.
+    saved = {"feat": s.get("adapter", {}), **s.get("terms", {})}
+    for name, term in t.terms.terms.items():
+        load_into(term, saved.get(name, {}), f"resume (the {name} loss term's state)", path)
     # The current recipe's hyper-parameters (lr, momentum, ...) win over the saved ones, so a run
     # can be resumed with e.g. a lower lr; with the same config they are the same values.
+    optimizer, scheduler, scaler = t.optimizer, t.scheduler, t.scaler
     recipe = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(s["optimizer"])
@@ -601,32 +686,32 @@ def _restore(
     lr = spec.lr * lr_factor(spec.scheduler, scheduler.last_epoch / steps_per_epoch, spec.epochs)
     for group, own in zip(optimizer.param_groups, recipe):
         group.update(own, initial_lr=spec.lr, lr=lr)
-    _set_rng_state(s["rng"], batches, device)
-    history = [dict(row) for row in s["history"]]
-    if len(history) != int(s["epoch"]):
+    _set_rng_state(s["rng"], t.batches, t.device)
+    t.history = [dict(row) for row in s["history"]]
+    if len(t.history) != int(s["epoch"]):
         raise UserError(
-            f"resume {path} is inconsistent (epoch {s['epoch']} but {len(history)} metrics rows); use another "
+            f"resume {path} is inconsistent (epoch {s['epoch']} but {len(t.history)} metrics rows); use another "
             "checkpoint"
         )
-    best = {"val_acc": float(s.get("best_val_acc", -1.0)), "epoch": int(s.get("best_epoch", 0))}
+    t.best = {"val_acc": float(s.get("best_val_acc", -1.0)), "epoch": int(s.get("best_epoch", 0))}
     partial = s.get("partial")
     saved_world = int(s.get("world_size", 1))
-    if partial is not None and saved_world != batches.world:
+    if partial is not None and saved_world != t.batches.world:
         # Another number of ranks means other global batches: replay the interrupted epoch from its
         # start, in the same order (at most that epoch's progress is recomputed).
         log.info(
             "resume: saved by %d rank(s), continuing on %d: epoch %d restarts from its first step",
             saved_world,
-            batches.world,
-            len(history) + 1,
+            t.batches.world,
+            len(t.history) + 1,
         )
-        partial = {"batches": 0, "order": partial["order"], "sums": torch.zeros(7), "skipped": 0, "seconds": 0.0}
+        partial = {"batches": 0, "order": partial["order"], "sums": torch.zeros(0), "skipped": 0, "seconds": 0.0}
     if partial is not None and partial["batches"] >= steps_per_epoch:
         raise UserError(
             f"resume {path} stopped at step {partial['batches']} of an epoch of {steps_per_epoch} steps; "
             "resume with the batch_size and data it was trained with"
         )
-    return history, best, partial
+    return partial
 
 
 def _step_verdict(loss: Tensor, ddp: bool) -> tuple[bool, bool]:

@@ -241,23 +241,13 @@ class FeatureDistiller(nn.Module):
         self.adapters = nn.ModuleList(Adapter(s, t, loss, align) for s, t in self.shapes)
 
     def describe(self) -> list[str]:
-        out = []
-        for p, (s, t), a in zip(self.pairs, self.shapes, self.adapters):
-            out.append(
-                f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
-                f"({self.loss_name}, weight {p.weight:g})"
-            )
-        return out
+        return describe_pairs(self.pairs, self.shapes, self.adapters, self.loss_name)
 
     def compute(self, teacher_feats: list[Tensor] | None = None) -> Tensor:
         """Weighted feature loss of the last forward pass (teacher features from the hooks, or given)."""
         s_feats = self._student_capture.pop()
         t_feats = teacher_feats if teacher_feats is not None else self._teacher_capture.pop()
-        total = torch.zeros((), device=s_feats[0].device)
-        for pair, adapter, s, t in zip(self.pairs, self.adapters, s_feats, t_feats):
-            adapted, target = adapter(s, t.detach())
-            total = total + pair.weight * pair_loss(self.loss_name, adapted, target)
-        return total
+        return pairs_loss(self.pairs, self.adapters, self.loss_name, s_feats, t_feats)
 
     def clear(self) -> None:
         """Forget features captured outside a training step (e.g. by evaluation forwards)."""
@@ -267,6 +257,36 @@ class FeatureDistiller(nn.Module):
     def remove(self) -> None:
         self._student_capture.remove()
         self._teacher_capture.remove()
+
+
+def describe_pairs(pairs: list[Pair], shapes: list[tuple], adapters: nn.ModuleList, loss: str) -> list[str]:
+    return [
+        f"{p.student} {tuple(s[1:])} -> {p.teacher} {tuple(t[1:])} via {type(a.proj).__name__} "
+        f"({loss}, weight {p.weight:g})"
+        for p, (s, t), a in zip(pairs, shapes, adapters)
+    ]
+
+
+def pairs_loss(
+    pairs: list[Pair], adapters: nn.ModuleList, loss: str, s_feats: list[Tensor], t_feats: list[Tensor]
+) -> Tensor:
+    """sum over pairs of weight * loss(adapter(student feature), teacher feature), in float32."""
+    total = torch.zeros((), device=s_feats[0].device)
+    for pair, adapter, s, t in zip(pairs, adapters, s_feats, t_feats):
+        adapted, target = adapter(s, t.detach())
+        total = total + pair.weight * pair_loss(loss, adapted, target)
+    return total
+
+
+def probe_shapes(
+    model: nn.Module, paths: list[str], role: str, in_shape: tuple[int, ...], device: torch.device
+) -> list[torch.Size]:
+    """Shapes of the features at `paths` (`auto`: the penultimate), from one dry forward of a batch of 2."""
+    capture = Capture(model, paths, role)
+    try:
+        return _probe(model, capture, in_shape, device)
+    finally:
+        capture.remove()
 
 
 @torch.no_grad()

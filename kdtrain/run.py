@@ -15,15 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, Logger, effective_weights, validate
+from kdtrain.config import Amp, Logger, validate
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
-from kdtrain.features import Capture, FeatureDistiller, parse_pairs
+from kdtrain.features import Capture
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
+from kdtrain.terms import LEGACY_COLUMNS, LossTerms, Setup, TermSpec, resolve
 
 log = logging.getLogger("kdtrain")
 
@@ -63,9 +64,7 @@ def _student(cfg: DictConfig, splits: Splits, device: torch.device) -> torch.nn.
     return model.to(device)
 
 
-def _spec(
-    cfg: DictConfig, weights: dict[str, float], label: str, checkpoint_dir: Path | None, extra: dict[str, Any]
-) -> FitSpec:
+def _spec(cfg: DictConfig, label: str, checkpoint_dir: Path | None, extra: dict[str, Any]) -> FitSpec:
     return FitSpec(
         epochs=int(cfg.epochs),
         batch_size=int(cfg.batch_size),
@@ -73,27 +72,28 @@ def _spec(
         seed=int(cfg.seed),
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
-        weights=weights,
-        temperature=float(cfg.temperature),
         label=label,
         progress=cfg.progress.value,
         checkpoint_dir=checkpoint_dir,
         checkpoint_extra=extra,
         nan_policy=cfg.nan_policy.value,
-        hint_epochs=int(cfg.feature.hint_epochs) if weights["feat"] > 0 else 0,
         compile=bool(cfg.compile),
     )
 
 
-def _extra_columns(cfg: DictConfig) -> list[str]:
-    return ["val_acc_excluded"] if cfg.dataset.exclude_classes else []
+def _extra_columns(cfg: DictConfig, terms: list[str]) -> list[str]:
+    """Metrics columns after the fixed ones: a column per loss term beyond ce, kd, feat, then the rest."""
+    own = [t for t in terms if t not in LEGACY_COLUMNS]
+    return own + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
 
 
-def _epoch_sink(cfg: DictConfig, folder: Path, label: str, history: list[dict[str, Any]] | None = None):
+def _epoch_sink(
+    cfg: DictConfig, folder: Path, label: str, terms: list[str], history: list[dict[str, Any]] | None = None
+):
     """The per-epoch callback (rank 0): metrics files, TensorBoard when logger=tensorboard, and the mean
     validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
-    writes = [MetricsWriter(folder, _extra_columns(cfg), history).write]
+    writes = [MetricsWriter(folder, _extra_columns(cfg, terms), history).write]
     if cfg.logger == Logger.tensorboard:
         writes.append(TensorBoardWriter(folder / "tensorboard").sink(label))
 
@@ -119,10 +119,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         return float(summary["student"]["best_val_acc"])
     device = resolve_device(distributed.device_for_rank(cfg.device))
     amp_dtype = resolve_amp(cfg.amp, device)
-    weights = effective_weights(cfg)
+    specs = resolve(cfg)
+    names = [s.name for s in specs]
     for key, term in (("kd_weight", "kd"), ("alpha", "feat")):
-        if cfg[key] > 0 and weights[term] == 0 and cfg.mode.value != "none":
-            log.info("%s=%s is not used: mode=%s switches the %s term off", key, cfg[key], cfg.mode.value, term)
+        if cfg[key] > 0 and term not in names and cfg.mode.value != "none":
+            log.info("%s=%s is not used: the loss terms in force (%s) leave %s out", key, cfg[key], names, term)
     splits = build_dataset(cfg.dataset)
     if cfg.batch_size > len(splits.train):
         raise UserError(
@@ -137,8 +138,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         splits.num_classes,
         splits.in_shape,
     )
-    if weights["feat"] > 0:
-        _check_feature_layers(cfg, splits)  # before the teacher trains, which can take long
+    _check_layers(cfg, specs, splits)  # before the teacher trains, which can take long
 
     # Every run reports against its teacher, mode=none included (it is trained once, then reused).
     # Under torchrun rank 0 gets the teacher first (training and storing it when needed) while the
@@ -159,50 +159,34 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.warning(
                 "sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type
             )
-    features = None
-    if weights["feat"] > 0:
-        features = FeatureDistiller(
-            student,
-            teacher,
-            parse_pairs(cfg.feature),
-            splits.in_shape,
-            device,
-            loss=cfg.feature.loss,
-            align=cfg.feature.align,
-        ).to(device)
-        for line in features.describe():
-            log.info("feature: %s", line)
-    log.info(
-        "loss weights in force: ce %.3g, kd %.3g (T=%g), feat %.3g",
-        weights["ce"],
-        weights["kd"],
-        cfg.temperature,
-        weights["feat"],
-    )
+    setup = Setup(student, teacher, splits.train, splits.num_classes, splits.in_shape, device, cfg)
+    terms = LossTerms(specs, setup).to(device)
+    for line in terms.describe():
+        log.info("loss term %s", line)
+    log.info("loss terms in force: %s", _describe_weights(specs))
 
     with distributed.rank0_first():
-        cache = _teacher_cache(cfg, splits, teacher, features, weights, device, amp_dtype)
+        cache = _teacher_cache(cfg, splits, teacher, terms, device, amp_dtype)
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
-    on_epoch = _epoch_sink(cfg, run_dir, "student", resume.state["history"] if resume else None) if main else None
+    history = resume.state["history"] if resume else None
+    on_epoch = _epoch_sink(cfg, run_dir, "student", names, history) if main else None
     result = fit(
         student,
         splits.train,
         splits.val,
-        _spec(cfg, weights, "student", run_dir / "checkpoints", {"config": config}),
+        _spec(cfg, "student", run_dir / "checkpoints", {"config": config}),
         device,
         amp_dtype,
+        terms=terms,
         teacher=teacher,
-        features=features,
         teacher_val_pred=teacher_pred,
         on_epoch=on_epoch,
         augment=splits.augment,
         resume=resume,
         teacher_cache=cache,
     )
-    if features is not None:
-        features.remove()
     if not main:
         if cfg.baseline and cfg.mode.value != "none":
             _baseline(
@@ -223,10 +207,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
 
     last = result["history"][-1]
+    weight = {**dict.fromkeys(LEGACY_COLUMNS, 0.0), **{s.name: s.weight for s in specs}}
     summary = {
         "mode": cfg.mode.value,
         "temperature": float(cfg.temperature),
-        "weights": {"ce_weight": weights["ce"], "kd_weight": weights["kd"], "alpha": weights["feat"]},
+        "weights": {"ce_weight": weight["ce"], "kd_weight": weight["kd"], "alpha": weight["feat"]},
+        "loss": {s.name: s.weight for s in specs},  # every term in force and its weight
         "seed": int(cfg.seed),
         "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
@@ -270,14 +256,13 @@ def _teacher_cache(
     cfg: DictConfig,
     splits: Splits,
     teacher: torch.nn.Module,
-    features: FeatureDistiller | None,
-    weights: dict[str, float],
+    terms: LossTerms,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> TeacherCache | None:
     """The teacher-output cache for this run (teacher_cache=...), or None: the teacher runs every step."""
-    if weights["kd"] == 0 and weights["feat"] == 0:
-        return None  # mode=none: no teacher term
+    if not terms.needs_teacher:
+        return None  # e.g. mode=none: no term reads the teacher
     channels_last = wants_channels_last(None, device, teacher)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -291,7 +276,7 @@ def _teacher_cache(
         cache_dir,
         device,
         amp_dtype,
-        [p.teacher for p in features.pairs] if features is not None else [],
+        terms.layers("teacher"),
         dtype=cfg.teacher_cache_dtype.value,
         topk=cfg.teacher_cache_topk,
         temperature=float(cfg.temperature),
@@ -299,8 +284,6 @@ def _teacher_cache(
         augment=splits.augment,
         channels_last=channels_last,
     )
-    if features is not None:
-        features.clear()  # the cache's forward passes also ran the distiller's teacher hooks
     return cache
 
 
@@ -337,10 +320,26 @@ def _finished(resume: Resume, cfg: DictConfig, run_dir: Path) -> bool:
     )
 
 
-def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
-    """Check that the feature layers exist in both models, on the meta device (no memory, no RNG)."""
-    pairs = parse_pairs(cfg.feature)
+def _describe_weights(specs: list[TermSpec]) -> str:
+    def schedule(s: TermSpec) -> str:
+        parts = ([f"from epoch {s.start_epoch}"] if s.start_epoch > 1 else []) + (
+            [f"warm-up {s.warmup_epochs} epochs"] if s.warmup_epochs else []
+        )
+        return f" ({', '.join(parts)})" if parts else ""
+
+    return ", ".join(f"{s.weight:g} x {s.name}{schedule(s)}" for s in specs)
+
+
+def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> None:
+    """Check that the layers the terms read exist in both models, on the meta device (no memory, no RNG)."""
+    paths = {"student": [], "teacher": []}
+    for s in specs:
+        student, teacher = s.cls.layer_paths(s.cfg)
+        paths["student"] += student
+        paths["teacher"] += teacher
     for role in ("student", "teacher"):
+        if not paths[role]:
+            continue
         try:
             with torch.device("meta"):
                 model = build_model(
@@ -348,7 +347,7 @@ def _check_feature_layers(cfg: DictConfig, splits: Splits) -> None:
                 )
         except Exception:
             continue
-        Capture(model, [getattr(p, role) for p in pairs], role).remove()
+        Capture(model, paths[role], role).remove()
 
 
 def _baseline(
@@ -363,13 +362,12 @@ def _baseline(
     log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
     seed_everything(int(cfg.seed))
     student = _student(cfg, splits, device)
-    on_epoch = _epoch_sink(cfg, folder, "baseline") if distributed.is_main() else None
-    weights = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
+    on_epoch = _epoch_sink(cfg, folder, "baseline", ["ce"]) if distributed.is_main() else None
     result = fit(
         student,
         splits.train,
         splits.val,
-        _spec(cfg, weights, "baseline", None, {}),
+        _spec(cfg, "baseline", None, {}),
         device,
         amp_dtype,
         teacher_val_pred=teacher_pred,

@@ -8,15 +8,12 @@ each training their own.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdtrain.checkpoint import atomic_write, load_into, load_state_dict_file, save_weights
+from kdtrain.checkpoint import atomic_write, file_lock, load_into, load_state_dict_file, save_weights
 from kdtrain.data import Splits
 from kdtrain.engine import FitSpec, evaluate, fit
 from kdtrain.errors import UserError
@@ -49,17 +46,6 @@ def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
 def teacher_key(cfg: DictConfig) -> str:
     blob = json.dumps(teacher_identity(cfg), sort_keys=True).encode()
     return f"{cfg.teacher.name}-{cfg.dataset.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def get_teacher(
@@ -116,7 +102,6 @@ def _train_into(
         seed=int(t.seed),
         optimizer=t.optimizer,
         scheduler=t.scheduler,
-        weights={"ce": 1.0, "kd": 0.0, "feat": 0.0},
         label="teacher",
         progress=cfg.progress.value,
         distributed=False,  # rank 0 alone, the others wait

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kdtrain.checkpoint import save_weights
+from kdtrain.checkpoint import file_lock, save_weights
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -459,8 +459,6 @@ def obtain(
     if policy != "disk":
         cache = build()
     else:
-        from kdtrain.teacher import file_lock  # (kdtrain.teacher imports the engine)
-
         path = cache_file(cache_dir, key)
         with file_lock(path.with_name(f".{path.name}.lock")):
             cache = None

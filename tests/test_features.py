@@ -135,11 +135,19 @@ def test_run_with_layer_pairs_and_two_stages(compose, tmp_path):
 def test_hint_stage_leaves_the_classifier_alone(compose):
     from kdtrain.data import build_dataset
     from kdtrain.engine import FitSpec, fit
+    from kdtrain.terms import LossTerms, Setup, resolve
 
-    cfg = compose("optimizer.weight_decay=0.01")
+    cfg = compose(
+        "optimizer.weight_decay=0.01",
+        "mode=feature",
+        "feature.hint_epochs=1",
+        "feature.student=features.3",
+        "feature.teacher=features.3",
+    )
     splits = build_dataset(cfg.dataset)
     t, s = _models("cnn", "cnn", (1, 8, 8), student_kw={"width": 8, "hidden": 32})
-    distiller = FeatureDistiller(s, t, [Pair("features.3", "features.3")], (1, 8, 8), torch.device("cpu"))
+    terms = LossTerms(resolve(cfg), Setup(s, t, splits.train, 10, (1, 8, 8), torch.device("cpu"), cfg))
+    assert [spec.start_epoch for spec in terms.specs] == [2, 1]  # ce after the hint stage, feat from epoch 1
     spec = FitSpec(
         epochs=2,
         batch_size=64,
@@ -147,9 +155,7 @@ def test_hint_stage_leaves_the_classifier_alone(compose):
         seed=0,
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
-        weights={"ce": 1.0, "kd": 0.0, "feat": 1.0},
         progress="off",
-        hint_epochs=1,
     )
     before = s.fc.weight.detach().clone()
     after: list[torch.Tensor] = []
@@ -160,8 +166,8 @@ def test_hint_stage_leaves_the_classifier_alone(compose):
         spec,
         torch.device("cpu"),
         None,
+        terms=terms,
         teacher=t,
-        features=distiller,
         on_epoch=lambda row: after.append(s.fc.weight.detach().clone()),
     )
     assert torch.equal(after[0], before)  # stage 1: no gradient and no weight decay past the guided layer

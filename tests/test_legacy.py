@@ -1,0 +1,45 @@
+"""The old modes give the losses they gave before the loss-term registry (issue #15), and a
+checkpoint written by the old engine still resumes exactly: both against values recorded on the
+old code by tests/fixtures/record_legacy.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdtrain.run import run
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RECORDED = json.loads((FIXTURES / "legacy_losses.json").read_text())
+DROP = ("samples_per_sec", "epoch_seconds")
+
+
+def rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in DROP} for line in lines]
+
+
+def same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for key, value in w.items():  # the old columns, each with the old meaning (new ones may follow)
+            assert g[key] == (pytest.approx(value, rel=1e-6, abs=1e-9) if value is not None else None), key
+
+
+@pytest.mark.parametrize("case", [c for c in RECORDED["rows"] if c != "mid_epoch"])
+def test_old_modes_give_the_recorded_losses(case, compose, tmp_path):
+    run(compose(*RECORDED["overrides"]["base"], *RECORDED["overrides"][case]), tmp_path)
+    same_rows(rows(tmp_path), RECORDED["rows"][case])
+
+
+def test_a_checkpoint_of_the_old_engine_resumes_exactly(compose, tmp_path):
+    """Stopped by SIGTERM mid-epoch 2 (old sums layout, `adapter` key): the resumed run ends where the
+    old code's uninterrupted run ended."""
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(FIXTURES / "legacy_combined_mid_epoch.pt", tmp_path / "checkpoints" / "last.pt")
+    overrides = [*RECORDED["overrides"]["base"], *RECORDED["overrides"]["mid_epoch"]]
+    run(compose(*overrides, f"resume={tmp_path}"), tmp_path)
+    same_rows(rows(tmp_path), RECORDED["rows"]["mid_epoch"])
