@@ -105,7 +105,6 @@ def test_z_is_fixed_by_the_first_batch_and_eval_changes_nothing():
         term(*batch(2, [6, 7]))
     after = term.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state if isinstance(state[k], torch.Tensor))
-    assert after["_extra_state"] == state["_extra_state"]
 
 
 def test_z_matches_the_mean_score_times_n():
@@ -148,7 +147,7 @@ def test_state_dict_round_trip_is_bit_identical(tmp_path):
     got = train_steps(resumed, range(3, 6))
     assert got == expected
     assert torch.equal(resumed.bank_s, straight.bank_s) and torch.equal(resumed.bank_t, straight.bank_t)
-    assert torch.equal(resumed.z, straight.z) and resumed.draws == straight.draws == 6
+    assert torch.equal(resumed.z, straight.z) and resumed.draws == straight.draws == int(resumed.steps) == 6
 
 
 def test_embeddings_are_unit_length():
@@ -190,3 +189,14 @@ def test_under_torchrun_every_rank_updates_the_banks_with_all_ranks_samples(tmp_
     single(s, t, idx)
     torch.testing.assert_close(ranks[0]["bank_s"], single.bank_s)
     torch.testing.assert_close(ranks[0]["bank_t"], single.bank_t)
+
+
+def test_a_non_finite_embedding_leaves_its_bank_rows_alone():
+    term = crd()
+    term(*batch(0, [0, 1]))  # fixes Z
+    before = term.bank_s.clone()
+    s, t, idx = batch(1, [2, 3])
+    s[0] = float("nan")
+    term(s, t, idx)
+    assert torch.equal(term.bank_s[2], before[2]) and not torch.equal(term.bank_s[3], before[3])
+    assert term.bank_s.isfinite().all() and term.bank_t.isfinite().all()

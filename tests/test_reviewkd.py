@@ -74,6 +74,6 @@ def test_default_stages(name, kwargs, expected):
     assert default_stages(model, (3, 32, 32), CPU, "student") == expected
 
 
-def test_default_stages_need_a_staged_model():
-    with pytest.raises(UserError, match=r"reviewkd\.student_stages"):
-        default_stages(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)), (4,), CPU, "student")
+def test_a_model_without_feature_maps_has_the_penultimate_as_its_one_stage():
+    mlp = build_model({"name": "mlp"}, num_classes=10, in_shape=(1, 8, 8), role="student")
+    assert default_stages(mlp, (1, 8, 8), CPU, "student") == ["auto"]

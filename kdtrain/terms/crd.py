@@ -17,7 +17,7 @@ student-anchored scores (student embedding vs the teacher bank) plus the teacher
 (teacher embedding vs the student bank). After the loss, each batch sample's bank rows move to
 `momentum * row + (1 - momentum) * embedding`, renormalised to unit length.
 
-The banks, Z and the draw counter are persistent buffers: they are checkpointed and resumed with the
+The banks, Z and the step counter are persistent buffers: they are checkpointed and resumed with the
 term. Negatives come from a generator seeded by (seed, step, rank), so a resumed run draws the same
 negatives as an uninterrupted one. Under torchrun every rank gathers all ranks' indices and
 embeddings before the bank update, so the banks stay identical on every rank.
@@ -29,12 +29,17 @@ float32 bank rows (kept for the backward pass).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdtrain import distributed
+from kdtrain.errors import UserError
+from kdtrain.features import AUTO
+from kdtrain.terms import Batch, Setup, Term, TermConfig, register
 
 EPS = 1e-7  # RepDistiller's epsilon in the NCE ratios
 
@@ -125,8 +130,8 @@ class CRDLoss(nn.Module):
     """The CRD term: `forward(student_feature, teacher_feature, idx)` -> the unweighted CRD loss.
 
     Trainable: the two embedding heads (the teacher's head is trained too, the teacher is not).
-    Training state: the persistent buffers `bank_s`, `bank_t` and `z`, and (extra state) the generator's
-    step counter and whether Z is fixed yet. In eval mode nothing is updated.
+    Training state (persistent buffers): `bank_s`, `bank_t`, `z` (0 until the first batch fixes it) and
+    `steps` (which seeds each step's negatives). In eval mode nothing is updated.
     """
 
     def __init__(
@@ -154,15 +159,15 @@ class CRDLoss(nn.Module):
         self.register_buffer("bank_s", torch.rand(n, feat_dim, generator=g).mul_(2 * stdv).sub_(stdv))
         self.register_buffer("bank_t", torch.rand(n, feat_dim, generator=g).mul_(2 * stdv).sub_(stdv))
         self.register_buffer("z", torch.zeros(2))  # (Z_student_anchored, Z_teacher_anchored), fixed by batch 1
-        # Host-side state (no device sync per step), checkpointed through get_extra_state.
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps taken: seeds the draws
+        # Host-side copies of `steps` and "Z is fixed", so a step needs no device sync; refreshed on load.
         self.draws, self.z_fixed = 0, False
         self.sampler = NegativeSampler(labels)
+        self.register_load_state_dict_post_hook(CRDLoss._loaded)
 
-    def get_extra_state(self) -> dict[str, int | bool]:
-        return {"draws": self.draws, "z_fixed": self.z_fixed}
-
-    def set_extra_state(self, state: dict[str, int | bool]) -> None:
-        self.draws, self.z_fixed = int(state["draws"]), bool(state["z_fixed"])
+    @staticmethod
+    def _loaded(module: CRDLoss, incompatible: object) -> None:
+        module.draws, module.z_fixed = int(module.steps), bool((module.z > 0).all())
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # A fresh generator per step, seeded from (seed, step, rank): the state to resume is one counter.
@@ -194,6 +199,7 @@ class CRDLoss(nn.Module):
                 self.z_fixed = True
         if self.training:
             self.draws += 1
+            self.steps += 1
         loss = nce_loss(scores_s / z[0], self.num_samples) + nce_loss(scores_t / z[1], self.num_samples)
         if self.training:
             self._update(idx, v_s.detach(), v_t.detach())
@@ -204,9 +210,79 @@ class CRDLoss(nn.Module):
         """Momentum update of the batch's bank rows, with every rank's samples under torchrun."""
         idx, v_s, v_t = _gather_rows(idx), _gather_rows(v_s), _gather_rows(v_t)
         for bank, v in ((self.bank_s, v_s), (self.bank_t, v_t)):
-            rows = bank[idx] * self.momentum + v * (1 - self.momentum)
-            bank.index_copy_(0, idx, F.normalize(rows, dim=1))
+            old = bank[idx]
+            rows = F.normalize(old * self.momentum + v * (1 - self.momentum), dim=1)
+            # A non-finite embedding (a step nan_policy=skip drops) must not poison the bank for good.
+            bank.index_copy_(0, idx, torch.where(rows.isfinite().all(1, keepdim=True), rows, old))
 
     def memory_bytes(self) -> int:
         """Bytes of the banks (the N-dependent part of the term's state)."""
         return self.bank_s.numel() * self.bank_s.element_size() + self.bank_t.numel() * self.bank_t.element_size()
+
+
+@dataclass
+class CRDConfig(TermConfig):
+    """Options of `crd` (RepDistiller's defaults; published recipe CE 1 + 0.8 CRD)."""
+
+    weight: float = 0.8
+    student: str = AUTO  # the student feature the embedding head reads (module path; auto = penultimate)
+    teacher: str = AUTO  # the teacher feature
+    feat_dim: int = 128  # embedding size
+    nce_k: int = 16384  # negatives per sample (capped at N - 1)
+    nce_t: float = 0.07  # temperature of the scores
+    momentum: float = 0.5  # memory bank update: row <- normalize(momentum * row + (1 - momentum) * embedding)
+
+
+@register("crd", CRDConfig)
+class CRD(Term):
+    """`crd`: the CRD loss of the features at `crd.student` / `crd.teacher` (see the module docstring)."""
+
+    def __init__(self, cfg: CRDConfig, setup: Setup):
+        super().__init__(cfg, setup)
+        self.student_layers, self.teacher_layers = self.layer_paths(cfg)
+        (s,) = setup.shapes("student", self.student_layers)
+        (t,) = setup.shapes("teacher", self.teacher_layers)
+        self.dims = (_flat_dim(s), _flat_dim(t))
+        seed = int(setup.root.seed) if setup.root is not None else 0
+        self.loss = CRDLoss(
+            *self.dims,
+            setup.train.y,
+            feat_dim=int(cfg.feat_dim),
+            nce_k=int(cfg.nce_k),
+            nce_t=float(cfg.nce_t),
+            momentum=float(cfg.momentum),
+            seed=seed,
+        )
+
+    @classmethod
+    def layer_paths(cls, cfg: CRDConfig) -> tuple[list[str], list[str]]:
+        return [str(cfg.student)], [str(cfg.teacher)]
+
+    @classmethod
+    def check(cls, cfg: DictConfig, root: DictConfig) -> None:
+        super().check(cfg, root)
+        for option, ok, rule in (
+            ("feat_dim", cfg.feat_dim >= 1, "an integer >= 1"),
+            ("nce_k", cfg.nce_k >= 1, "an integer >= 1"),
+            ("nce_t", cfg.nce_t > 0, "> 0"),
+            ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise UserError(f"crd.{option}={cfg[option]} is out of range: it must be {rule}")
+
+    def forward(self, batch: Batch) -> Tensor:
+        s = batch.student_features[self.student_layers[0]]
+        t = batch.teacher_features[self.teacher_layers[0]]
+        return self.loss(s, t, batch.indices)
+
+    def describe(self) -> list[str]:
+        line = (
+            f"{self.student_layers[0]} ({self.dims[0]}) and {self.teacher_layers[0]} ({self.dims[1]}) -> "
+            f"{self.loss.embed_s.linear.out_features}-d embeddings, {self.loss.k} negatives per sample, "
+            f"memory banks 2 x {self.loss.num_samples} rows ({self.loss.memory_bytes() / 2**20:.1f} MiB)"
+        )
+        return [line]
+
+
+def _flat_dim(shape: torch.Size) -> int:
+    return int(torch.Size(shape[1:]).numel())

@@ -19,12 +19,16 @@ post-ReLU block output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdtrain.errors import UserError
 from kdtrain.features import AUTO, Capture, _probe
+from kdtrain.terms import Batch, Setup, Term, TermConfig, register
 
 HCL_LEVELS = (4, 2, 1)
 
@@ -128,9 +132,9 @@ def _stage_root(model: nn.Module) -> tuple[str, nn.Module]:
 
 @torch.no_grad()
 def default_stages(model: nn.Module, in_shape: tuple[int, ...], device: torch.device, role: str) -> list[str]:
-    """The last top-level container (a module with submodules) at each spatial resolution, in forward order,
+    """The last top-level container (a module with submodules) at each spatial resolution, in definition order,
     then `auto` (the pooled penultimate feature): layer1..layer3 for CIFAR ResNets, block1..block3 for WRNs,
-    layer1..layer4 for torchvision ResNets."""
+    layer1..layer4 for torchvision ResNets; `auto` alone for a model without feature maps (an MLP)."""
     prefix, root = _stage_root(model)
     names = [prefix + name for name, m in root.named_children() if list(m.children())]
     if names:
@@ -151,11 +155,6 @@ def default_stages(model: nn.Module, in_shape: tuple[int, ...], device: torch.de
         else:
             stages.append(name)
         last_size = tuple(shape[-2:])
-    if len(stages) < 2:
-        raise UserError(
-            f"reviewkd cannot find the {role}'s stages by itself (found {stages or 'none'}); name them with "
-            f"reviewkd.{role}_stages=[PATH,...] (module paths, see kdtrain-inspect)"
-        )
     return [*stages, AUTO]
 
 
@@ -163,3 +162,62 @@ def match_stages(student: list[str], teacher: list[str]) -> tuple[list[str], lis
     """Default stage lists of different lengths: keep the deepest stages both have."""
     n = min(len(student), len(teacher))
     return student[-n:], teacher[-n:]
+
+
+@dataclass
+class ReviewKDConfig(TermConfig):
+    """Options of `reviewkd` (mdistiller's CIFAR settings; published recipe CE 1 + 5 ReviewKD)."""
+
+    weight: float = 5.0
+    warmup_epochs: int = 20  # the weight ramps linearly over the first 20 epochs
+    student_stages: list[str] | None = None  # module paths, shallowest first; null: default_stages
+    teacher_stages: list[str] | None = None  # as many as the student's
+    mid_channels: int | None = None  # the ABFs' width; null: min(512, the student's last stage channels)
+
+
+@register("reviewkd", ReviewKDConfig)
+class ReviewKD(Term):
+    """`reviewkd`: ABF fusion of the student's stages against the teacher's, by HCL (see the module docstring)."""
+
+    def __init__(self, cfg: ReviewKDConfig, setup: Setup):
+        super().__init__(cfg, setup)
+        student, teacher = self.layer_paths(cfg)
+        if not student or not teacher:
+            given = student or teacher
+            student = student or default_stages(setup.student, setup.in_shape, setup.device, "student")
+            teacher = teacher or default_stages(setup.teacher, setup.in_shape, setup.device, "teacher")
+            if not given:
+                student, teacher = match_stages(student, teacher)
+            elif given is student:
+                teacher = teacher[-len(student) :]
+            else:
+                student = student[-len(teacher) :]
+        self.student_layers, self.teacher_layers = student, teacher
+        self.shapes = list(zip(setup.shapes("student", student), setup.shapes("teacher", teacher)))
+        self.loss = ReviewKDLoss([s for s, _ in self.shapes], [t for _, t in self.shapes], cfg.mid_channels)
+
+    @classmethod
+    def layer_paths(cls, cfg: ReviewKDConfig) -> tuple[list[str], list[str]]:
+        return [str(p) for p in cfg.student_stages or []], [str(p) for p in cfg.teacher_stages or []]
+
+    @classmethod
+    def check(cls, cfg: DictConfig, root: DictConfig) -> None:
+        super().check(cfg, root)
+        if cfg.mid_channels is not None and cfg.mid_channels < 1:
+            raise UserError(f"reviewkd.mid_channels={cfg.mid_channels} is out of range: it must be >= 1 (or null)")
+        s, t = cls.layer_paths(cfg)
+        if s and t and len(s) != len(t):
+            raise UserError(
+                f"reviewkd.student_stages has {len(s)} paths and reviewkd.teacher_stages {len(t)}: give as many of each"
+            )
+
+    def forward(self, batch: Batch) -> Tensor:
+        s = [batch.student_features[p] for p in self.student_layers]
+        t = [batch.teacher_features[p] for p in self.teacher_layers]
+        return self.loss(s, t)
+
+    def describe(self) -> list[str]:
+        return [
+            f"{p} {tuple(s[1:])} -> {q} {tuple(t[1:])}"
+            for p, q, (s, t) in zip(self.student_layers, self.teacher_layers, self.shapes)
+        ] + [f"ABF width {self.loss.abfs[0].reduce[0].out_channels}"]

@@ -1,0 +1,80 @@
+"""CRD and ReviewKD end to end: the default data from the CLI, a CIFAR-zoo pair and a torchvision pair on
+`dataset=fake`, and CRD's memory banks through a SIGKILL + resume (bit-identical to an uninterrupted run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from kdtrain.run import run
+from tests.conftest import run_cli
+from tests.test_resume import assert_same_run
+
+FAST = {"crd": ["crd.nce_k=64"], "reviewkd": []}  # few negatives: the test stays quick
+
+
+def rows(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_trained(run_dir, term: str, weight: float) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss"] == {"ce": 1.0, term: weight}
+    values = [float(r[term]) for r in rows(run_dir)]
+    assert values and all(math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.parametrize("term, weight", [("crd", 0.8), ("reviewkd", 5.0)])
+def test_the_preset_trains_on_the_default_data_from_the_cli(tmp_path, store, term, weight):
+    run_dir = tmp_path / "run"
+    args = ["epochs=2", "teacher_train.epochs=1", "progress=off", "baseline=false", f"teacher_store={store}"]
+    done = run_cli(f"mode={term}", *FAST[term], *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_trained(run_dir, term, weight)
+    assert f"loss term {term}:" in (run_dir / "kdtrain.log").read_text()
+
+
+PAIRS = {
+    "cifar": ["teacher=resnet14", "student=resnet8"],
+    "torchvision": ["teacher=torchvision", "student=torchvision", "student.arch=mobilenet_v3_small"],
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("term, weight", [("crd", 0.8), ("reviewkd", 5.0)])
+def test_a_few_steps_on_fake_images(tmp_path, compose, pair, term, weight):
+    cfg = compose(
+        f"mode={term}", *FAST[term], *PAIRS[pair], "dataset=fake", "epochs=1", "baseline=false", "batch_size=64"
+    )
+    run(cfg, tmp_path)
+    assert_trained(tmp_path, term, weight)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    if term == "crd":
+        assert state["terms"]["crd"]["loss.bank_s"].shape == (256, 128)  # FakeData: 256 training samples
+    else:
+        assert any(k.startswith("loss.abfs.") for k in state["terms"]["reviewkd"])
+
+
+def test_crd_banks_survive_a_sigkill_and_resume_exactly(tmp_path, store, compose):
+    args = ["mode=crd", "crd.nce_k=64", "epochs=3", "teacher_train.epochs=1", "progress=off", "baseline=false"]
+    args.append(f"teacher_store={store}")
+    reference = tmp_path / "reference"
+    run(compose(*args), reference)
+
+    run_dir = tmp_path / "run"
+    killed = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"KDTRAIN_TEST_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and int(saved["terms"]["crd"]["loss.steps"]) > 0
+
+    resumed = run_cli("resume=" + str(run_dir), *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["terms"]["crd"] for d in (run_dir, reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # banks, Z, heads, step counter
