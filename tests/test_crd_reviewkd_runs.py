@@ -11,6 +11,8 @@ import signal
 import pytest
 import torch
 
+from kdtrain.config import validate
+from kdtrain.errors import UserError
 from kdtrain.run import run
 from tests.conftest import run_cli
 from tests.test_resume import assert_same_run
@@ -78,3 +80,53 @@ def test_crd_banks_survive_a_sigkill_and_resume_exactly(tmp_path, store, compose
     assert_same_run(run_dir, reference)
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["terms"]["crd"] for d in (run_dir, reference))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # banks, Z, heads, step counter
+
+
+@pytest.mark.parametrize(
+    "pair, reviewkd_weight",
+    [("resnet32x4_resnet8x4", 5.0), ("wrn_40_2_wrn_16_2", 5.0), ("resnet56_resnet20", 0.6)],
+)
+def test_cifar100_recipes_carry_the_published_weights(compose, pair, reviewkd_weight):
+    crd = compose(f"+experiment=cifar100_{pair}_crd")
+    validate(crd)
+    assert (list(crd.loss), crd.ce_weight, crd.crd.weight, crd.crd.nce_k, crd.crd.nce_t) == (
+        ["ce", "crd"],
+        1.0,
+        0.8,
+        16384,
+        0.07,
+    )
+    review = compose(f"+experiment=cifar100_{pair}_reviewkd")
+    validate(review)
+    assert (list(review.loss), review.ce_weight, review.reviewkd.weight, review.reviewkd.warmup_epochs) == (
+        ["ce", "reviewkd"],
+        1.0,
+        reviewkd_weight,
+        20,
+    )
+    for cfg in (crd, review):
+        assert (cfg.lr, cfg.batch_size, cfg.dataset.name, list(cfg.scheduler.milestones)) == (
+            0.05,
+            64,
+            "cifar100",
+            [150, 180, 210],
+        )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("crd.nce_t=0", "crd.nce_t=0.0 is out of range"),
+        ("crd.momentum=1", "crd.momentum=1.0 is out of range"),
+        ("crd.nce_k=0", "crd.nce_k=0 is out of range"),
+        ("reviewkd.mid_channels=0", "reviewkd.mid_channels=0 is out of range"),
+        (
+            "reviewkd.student_stages=[layer1,layer2] reviewkd.teacher_stages=[layer1]",
+            "reviewkd.student_stages has 2 paths and reviewkd.teacher_stages 1",
+        ),
+    ],
+)
+def test_bad_options_get_one_clear_error(compose, override, message):
+    mode = override.split(".")[0]
+    with pytest.raises(UserError, match=message):
+        validate(compose(f"mode={mode}", *override.split()))
