@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import signal
 
@@ -49,18 +50,25 @@ PAIRS = {
 
 
 @pytest.mark.parametrize("pair", PAIRS)
-@pytest.mark.parametrize("term, weight", [("crd", 0.8), ("reviewkd", 5.0)])
-def test_a_few_steps_on_fake_images(tmp_path, compose, pair, term, weight):
+def test_both_terms_together_for_a_few_steps_on_fake_images(tmp_path, compose, caplog, pair):
+    # One run with CE + CRD + ReviewKD (free combination): both terms' modules and state on a real pair.
     cfg = compose(
-        f"mode={term}", *FAST[term], *PAIRS[pair], "dataset=fake", "epochs=1", "baseline=false", "batch_size=64"
+        "mode=crd", "loss=[ce,crd,reviewkd]", "crd.nce_k=64", *PAIRS[pair], "dataset=fake", "epochs=1", "baseline=false"
     )
-    run(cfg, tmp_path)
-    assert_trained(tmp_path, term, weight)
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    if term == "crd":
-        assert state["terms"]["crd"]["loss.bank_s"].shape == (256, 128)  # FakeData: 256 training samples
-    else:
-        assert any(k.startswith("loss.abfs.") for k in state["terms"]["reviewkd"])
+    with caplog.at_level(logging.INFO, logger="kdtrain"):
+        run(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss"] == {"ce": 1.0, "crd": 0.8, "reviewkd": 5.0}
+    for term in ("crd", "reviewkd"):
+        assert all(math.isfinite(float(r[term])) and float(r[term]) > 0 for r in rows(tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["terms"]
+    assert state["crd"]["loss.bank_s"].shape == (256, 128)  # FakeData: 256 training samples
+    assert any(k.startswith("loss.abfs.") for k in state["reviewkd"])
+    # The default stages, paired deepest first when the counts differ (mobilenet_v3_small has one container).
+    stages = {"cifar": "reviewkd: layer3 (64, 8, 8) -> layer3 (64, 8, 8)", "torchvision": "reviewkd: net.features ("}
+    assert stages[pair] in caplog.text
+    if pair == "torchvision":
+        assert ") -> net.layer4 (" in caplog.text and "net.layer3 (" not in caplog.text
 
 
 def test_crd_banks_survive_a_sigkill_and_resume_exactly(tmp_path, store, compose):
