@@ -8,6 +8,7 @@ creates a run dir or any work starts.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import logging
 import os
 import re
@@ -30,7 +31,6 @@ from kdtrain.config import register_schema, validate
 from kdtrain.errors import UserError
 
 CONFIG_MODULE = "kdtrain.conf"
-GROUPS = ("teacher", "student", "dataset", "optimizer", "scheduler", "mode", "experiment")
 # Flags after which Hydra prints something instead of running (no need to check overrides).
 PRINT_ONLY = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc"}
 # Flags that change where configs come from: let Hydra report on those itself.
@@ -74,8 +74,9 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _normalise(overrides: list[str]) -> list[str]:
-    # `experiment=NAME` reads naturally; the group is not in the defaults list, so Hydra wants `+`.
-    return ["+" + o if o.startswith("experiment=") else o for o in overrides]
+    # `experiment: null` is in the root defaults list, so `experiment=NAME` is the form; the `+experiment=NAME`
+    # that older command lines used would now fail in Hydra ("an item is already at 'experiment'").
+    return [o[1:] if o.startswith("+experiment=") else o for o in overrides]
 
 
 def _group_options(group: str) -> list[str]:
@@ -304,14 +305,21 @@ def task(cfg: DictConfig) -> float:
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a killed job
 
 
+def default_run_dir(now: datetime) -> str:
+    """conf/config.yaml's hydra.run.dir (its one home) with its ${now:FORMAT} parts filled in from `now`."""
+    text = (importlib.resources.files(CONFIG_MODULE) / "config.yaml").read_text()
+    pattern = OmegaConf.create(text).hydra.run._get_node("dir")._value()  # unresolved: ${now:...} kept
+    return re.sub(r"\$\{now:([^}]*)\}", lambda m: now.strftime(m.group(1)), pattern)
+
+
 def _distributed_argv(argv: list[str]) -> list[str]:
     """Under torchrun: one run dir for all ranks (rank 0's clock decides), and only rank 0 writes
     Hydra's files and logs."""
     flags, overrides = _split_argv(argv)
     if not any(o.startswith("hydra.run.dir=") for o in overrides) and not ({"-m", "--multirun"} & set(flags)):
-        # The same layout as conf/config.yaml's hydra.run.dir, from rank 0's clock: each rank
-        # resolving ${now:...} itself could land a second apart.
-        stamp = distributed.broadcast_object(datetime.now().strftime("outputs/runs/%Y-%m-%d/%H-%M-%S"))
+        # conf/config.yaml's hydra.run.dir resolved with rank 0's clock: each rank resolving ${now:...}
+        # itself could land a second apart.
+        stamp = distributed.broadcast_object(default_run_dir(datetime.now()))
         argv = [*argv, f"hydra.run.dir={stamp}"]
     if not distributed.is_main():
         argv = [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

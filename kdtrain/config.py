@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kdtrain.errors import UserError
 from kdtrain.terms import LEGACY_COLUMNS, TermConfig
@@ -106,10 +106,10 @@ class SchedulerConfig:
 class TeacherTrainConfig:
     """Recipe for training the teacher when no teacher.checkpoint is given."""
 
-    epochs: int = 30
-    lr: float = 0.05
-    batch_size: int = 64
-    seed: int = 0  # separate from the run's seed, so a sweep over seeds shares one teacher
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING  # separate from the run's seed, so a sweep over seeds shares one teacher
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -118,16 +118,21 @@ class TeacherTrainConfig:
 class FeatureConfig(TermConfig):
     """Which layers the feature term (`feat`) compares, and how."""
 
-    student: str | None = None  # short form for one pair: a module path of the student ...
-    teacher: str | None = None  # ... and of the teacher; `auto` = the classifier's input
-    pairs: list[Any] = field(default_factory=list)  # [{student: PATH, teacher: PATH, weight: W}, ...]
-    loss: str = "mse"  # mse | smooth_l1 | cosine | at (attention transfer)
-    align: str = "pool"  # spatial mismatch: pool the larger map | interpolate the smaller
-    hint_epochs: int = 0  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+    student: str | None = MISSING  # short form for one pair: a module path of the student ...
+    teacher: str | None = MISSING  # ... and of the teacher; `auto` = the classifier's input
+    pairs: list[Any] = MISSING  # [{student: PATH, teacher: PATH, weight: W}, ...]
+    loss: str = MISSING  # mse | smooth_l1 | cosine | at (attention transfer)
+    align: str = MISSING  # spatial mismatch: pool the larger map | interpolate the smaller
+    hint_epochs: int = MISSING  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
 
 
 @dataclass
 class KDConfig:
+    """The root schema: types and checks only. Each value has one home, conf/config.yaml (mode, ce_weight and
+    kd_weight: the mode group), so the fields it sets are MISSING here; group nodes (dataset, optimizer,
+    scheduler) take their values from their option files, falling back on the dataclass defaults.
+    tests/test_config.py::test_every_default_has_one_home fails if a key gets a value in both places."""
+
     teacher: Any = None  # model group entries are free-form: constructor kwargs differ per model
     student: Any = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -135,35 +140,35 @@ class KDConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
-    mode: Mode = Mode.soft
+    mode: Mode = MISSING
     loss: list[str] | None = None  # the terms in force, e.g. [ce,dkd,feat]; null: the mode's (soft: [ce,kd])
-    temperature: float = 4.0
-    alpha: float = 1.0
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
+    temperature: float = MISSING
+    alpha: float = MISSING
+    ce_weight: float = MISSING
+    kd_weight: float = MISSING
 
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    seed: int = 0
-    device: str = "auto"
-    amp: Amp = Amp.auto
-    baseline: bool = True  # also train the student alone (mode=none) and report the gain
-    teacher_store: str = "outputs/teachers"
-    progress: Progress = Progress.auto
-    resume: str | None = None  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
-    nan_policy: NanPolicy = NanPolicy.stop  # what a non-finite loss does: stop | skip
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    amp: Amp = MISSING
+    baseline: bool = MISSING  # also train the student alone (mode=none) and report the gain
+    teacher_store: str = MISSING
+    progress: Progress = MISSING
+    resume: str | None = MISSING  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
+    nan_policy: NanPolicy = MISSING  # what a non-finite loss does: stop | skip
     feature: FeatureConfig = field(default_factory=FeatureConfig)
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
+    sync_bn: bool = MISSING  # under torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     # Speed (see teacher_cache.py): the teacher's outputs computed once instead of at every step.
-    teacher_cache: CachePolicy = CachePolicy.auto
-    teacher_cache_dtype: CacheDtype = CacheDtype.float32
-    teacher_cache_topk: int | None = None  # keep the k largest logits per sample (many classes)
-    teacher_cache_views: int = 0  # under augmentation: cache K fixed augmented views per sample
-    teacher_cache_dir: str | None = None  # teacher_cache=disk: null = <teacher_store>/cache
-    compile: bool = False  # torch.compile the student's training forward pass
-    logger: Logger = Logger.none  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
+    teacher_cache: CachePolicy = MISSING
+    teacher_cache_dtype: CacheDtype = MISSING
+    teacher_cache_topk: int | None = MISSING  # keep the k largest logits per sample (many classes)
+    teacher_cache_views: int = MISSING  # under augmentation: cache K fixed augmented views per sample
+    teacher_cache_dir: str | None = MISSING  # teacher_cache=disk: null = <teacher_store>/cache
+    compile: bool = MISSING  # torch.compile the student's training forward pass
+    logger: Logger = MISSING  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
 
 
 @functools.cache

@@ -346,10 +346,12 @@ class Meters:
                 ]
             )
 
-    def row(self, totals: list[float]) -> dict[str, float]:
-        """Per-sample means (NaN when every step was skipped: no training loss to report)."""
+    @staticmethod
+    def row(columns: list[str], totals: list[float]) -> dict[str, float]:
+        """The loss columns of a metrics row from an epoch's totals: per-sample means (NaN when every step
+        was skipped: no training loss to report)."""
         samples = totals[0] or float("nan")
-        return {"loss": totals[3] / samples, **{c: v / samples for c, v in zip(self.columns, totals[4:])}}
+        return {"loss": totals[3] / samples, **{c: v / samples for c, v in zip(columns, totals[4:])}}
 
 
 def _step_input(x: Tensor, channels_last: bool) -> Tensor:
@@ -397,8 +399,8 @@ class _Training:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=terms.delayed,
             )
-            for p in terms.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+            for t in [*terms.parameters(), *terms.buffers()]:  # every rank starts from rank 0's term state
+                torch.distributed.broadcast(t.data, src=0)
         if spec.compile:
             self.forward = torch.compile(self.forward)
         self.student_capture = Capture(model, terms.layers("student"), "student") if terms.layers("student") else None
@@ -615,7 +617,7 @@ def fit(
             t.clear_hooks()
             row: dict[str, Any] = {
                 "epoch": epoch,
-                **Meters(terms.columns, device).row(totals),
+                **Meters.row(terms.columns, totals),
                 "lr": t.optimizer.param_groups[0]["lr"],
                 "train_acc": totals[2] / max(totals[1], 1.0),
                 "val_acc": result["val_acc"],

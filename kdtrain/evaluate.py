@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from kdtrain.checkpoint import atomic_write
-from kdtrain.errors import UserError
-from kdtrain.rundir import build_splits, cli, load_student, load_teacher, note, open_run, resolve_device
+from kdtrain.errors import UserError, one_line_errors
+from kdtrain.report import pct
+from kdtrain.rundir import build_splits, load_student, load_teacher, note, open_run, resolve_device
 
 TOOL = "kdtrain-eval"
 ECE_BINS = 15
@@ -128,10 +128,6 @@ def plot_confusion(confusion: list[list[int]], names: list[str] | None, title: s
     return True
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
-
-
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     m = report["metrics"]
@@ -140,11 +136,11 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         table.add_column(col, justify="right")
     table.add_row(
         f"{m['samples']:,}",
-        _pct(m["top1"]),
-        _pct(m["top5"]),
+        pct(m["top1"]),
+        pct(m["top5"]),
         f"{m['ece']:.4f}",
         f"{m['nll']:.4f}",
-        _pct(m["agreement"]),
+        pct(m["agreement"]),
     )
     console.print(table)
     per_class = Table(title="per-class accuracy")
@@ -153,7 +149,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     per_class.add_column("acc", justify="right")
     for row in m["per_class"]:
         label = str(row["class"]) if row["name"] in (None, str(row["class"])) else f"{row['class']} ({row['name']})"
-        per_class.add_row(label, str(row["support"]), _pct(row["acc"]))
+        per_class.add_row(label, str(row["support"]), pct(row["acc"]))
     console.print(per_class)
     if report["agreement_with"] is None:
         console.print("Agreement: not computed (the other model's weights are not available).")
@@ -276,7 +272,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-@cli
+@one_line_errors(TOOL)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-eval."""
     print_report(evaluate_run(parse_args(argv)))

@@ -1,9 +1,10 @@
-"""`kdtrain-export RUN_DIR --format torchscript|onnx|all [--out DIR]`: the student, usable without kdtrain.
+"""`kdtrain-export RUN_DIR --format export|onnx|torchscript|all [--out DIR]`: the student, usable without kdtrain.
 
-Writes `model.pt` (TorchScript, traced on a real batch of the run's dataset) and/or `model.onnx`
-(needs pip install kdtrain[onnx]), each checked at export time against the PyTorch student on real
-batches of two sizes (the batch dimension is dynamic), and `model.json`: input shape and dtype,
-normalisation, preprocessing, number and names of classes, and the parity measured.
+Writes `model.pt2` (a torch.export ExportedProgram: `torch.export.load(path).module()`, or AOTInductor for
+C++), `model.onnx` (needs pip install kdtrain[onnx]) and, on request, `model.pt` (TorchScript, traced; PyTorch
+deprecates TorchScript, kept for libtorch/mobile users who still need it). Each is checked at export time
+against the PyTorch student on real batches of two sizes (the batch dimension is dynamic); `model.json`
+holds the input shape and dtype, normalisation, preprocessing, number and names of classes, and the parity.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from torch import Tensor, nn
 
 import kdtrain
 from kdtrain.checkpoint import atomic_write
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, one_line_errors
 from kdtrain.predict import preprocessing_spec
-from kdtrain.rundir import build_splits, cli, load_student, open_run
+from kdtrain.rundir import build_splits, load_student, open_run
 
 TOOL = "kdtrain-export"
-FORMATS = ("torchscript", "onnx")
-FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
+FORMATS = ("export", "onnx", "torchscript")
+ALL = ("export", "onnx")  # --format all: the two formats that are not deprecated
+FILES = {"export": "model.pt2", "onnx": "model.onnx", "torchscript": "model.pt"}
 INPUT, OUTPUT = "input", "logits"
 ATOL = 1e-4
 
@@ -42,6 +44,24 @@ def parity_batches(x: Tensor) -> list[Tensor]:
 def max_abs_diff(run: Any, reference: nn.Module, batches: list[Tensor]) -> float:
     with torch.no_grad():
         return max(float((torch.as_tensor(run(b)).float() - reference(b).float()).abs().max()) for b in batches)
+
+
+def export_program(model: nn.Module, example: Tensor, path: Path) -> Any:
+    """torch.export the model with a dynamic batch dimension, save it as .pt2, and return the reloaded module.
+
+    Reloading our own fresh file is safe; torch.export.load unpickles, so kdtrain never loads a .pt2 it is
+    handed (kdtrain-predict refuses them; see predict.py)."""
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # data-dependent control flow and the like: torch.export cannot capture the model
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the student cannot be captured by torch.export ({first}); use --format onnx") from None
+    atomic_write(path, lambda p: torch.export.save(program, str(p)))
+    loaded = torch.export.load(str(path)).module()
+    return lambda b: loaded(b)
 
 
 def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Any:
@@ -141,11 +161,8 @@ def export(
     files: dict[str, Any] = {}
     for fmt in formats:
         path = out / FILES[fmt]
-        runner = (
-            export_torchscript(model, batches[0], path)
-            if fmt == "torchscript"
-            else export_onnx(model, batches[0], path)
-        )
+        writer = {"export": export_program, "onnx": export_onnx, "torchscript": export_torchscript}[fmt]
+        runner = writer(model, batches[0], path)
         diff = max_abs_diff(runner, model, batches)
         if not diff <= atol:  # also catches NaN
             raise UserError(
@@ -190,14 +207,18 @@ def export(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=TOOL, description="Export a finished kdtrain run's student to TorchScript and/or ONNX."
+        prog=TOOL, description="Export a finished kdtrain run's student (torch.export .pt2, ONNX, TorchScript)."
     )
     p.add_argument("run_dir", help="the run dir that kdtrain wrote (its hydra.run.dir)")
     p.add_argument(
         "overrides", nargs="*", help="dataset.KEY=VALUE overrides of the run's dataset (for the parity batch)"
     )
     p.add_argument(
-        "--format", choices=(*FORMATS, "all"), default="torchscript", help="what to write (default: torchscript)"
+        "--format",
+        choices=(*FORMATS, "all"),
+        default="export",
+        help="export: model.pt2 (torch.export, default); onnx: model.onnx; torchscript: model.pt (traced, deprecated "
+        "by PyTorch); all: export + onnx",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
     p.add_argument(
@@ -215,11 +236,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-@cli
+@one_line_errors(TOOL)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-export."""
     args = parse_args(argv)
-    formats = list(FORMATS) if args.format == "all" else [args.format]
+    formats = list(ALL) if args.format == "all" else [args.format]
     record = export(args.run_dir, formats, args.out, args.checkpoint, args.overrides, args.atol)
     out = Path(args.out) if args.out is not None else Path(args.run_dir).expanduser() / "export"
     for fmt, info in record["files"].items():

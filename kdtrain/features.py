@@ -42,13 +42,13 @@ class Pair:
     weight: float = 1.0
 
 
-def classifier_name(model: nn.Module, role: str) -> str:
+def classifier_name(model: nn.Module, role: str, key: str = "feature") -> str:
     """Module path of the last nn.Linear: its input is the penultimate feature."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise UserError(
             f"the {role} model has no nn.Linear classifier, so its penultimate feature cannot be found; "
-            f"name a layer with feature.{role}=PATH (see kdtrain-inspect)"
+            f"name a layer with {key}.{role}=PATH (see kdtrain-inspect)"
         )
     return names[-1]
 
@@ -78,16 +78,17 @@ def parse_pairs(feature: Any) -> list[Pair]:
     return out
 
 
-def _module(model: nn.Module, path: str, role: str) -> tuple[nn.Module, bool]:
-    """(module to hook, capture its input?) for a module path; one clear error for an unknown path."""
+def _module(model: nn.Module, path: str, role: str, key: str = "feature") -> tuple[nn.Module, bool]:
+    """(module to hook, capture its input?) for a module path; one clear error for an unknown path, naming
+    the setting `key.role` it came from."""
     if path == AUTO:
-        return model.get_submodule(classifier_name(model, role)), True
+        return model.get_submodule(classifier_name(model, role, key)), True
     names = [n for n, _ in model.named_modules() if n]
     if path not in names:
         close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise UserError(
-            f"feature.{role}={path} is not a module of the {role} model{hint}; "
+            f"{key}.{role}={path} is not a module of the {role} model{hint}; "
             f"list its module paths with kdtrain-inspect{' --teacher' if role == 'teacher' else ''} (or "
             "model.named_modules())"
         )
@@ -97,12 +98,12 @@ def _module(model: nn.Module, path: str, role: str) -> tuple[nn.Module, bool]:
 class Capture:
     """Keeps the outputs of some modules from the latest forward pass; `pop` hands them over and forgets them."""
 
-    def __init__(self, model: nn.Module, paths: list[str], role: str):
+    def __init__(self, model: nn.Module, paths: list[str], role: str, key: str = "feature"):
         self.values: list[Tensor | None] = [None] * len(paths)
         self.paths = paths
         self.handles = []
         for i, path in enumerate(paths):
-            module, use_input = _module(model, path, role)
+            module, use_input = _module(model, path, role, key)
             if use_input:
                 self.handles.append(module.register_forward_pre_hook(self._keeper(i, lambda args, out: args[0])))
             else:
@@ -226,11 +227,7 @@ class FeatureDistiller(nn.Module):
         loss: str = "mse",
         align: str = "pool",
     ):
-        super().__init__()
-        if loss not in LOSSES:
-            raise UserError(f"feature.loss={loss} is not accepted: use one of {', '.join(LOSSES)}")
-        if align not in ALIGNS:
-            raise UserError(f"feature.align={align} is not accepted: use one of {', '.join(ALIGNS)}")
+        super().__init__()  # `loss` and `align` were checked by config.validate, with the command line
         self.pairs, self.loss_name = pairs, loss
         # Plain attributes (not submodules): the hooks are not state.
         self.__dict__["_student_capture"] = Capture(student, [p.student for p in pairs], "student")

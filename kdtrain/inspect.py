@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kdtrain.cli import CONFIG_MODULE, _normalise, check_command_line
 from kdtrain.data import dataset_shape
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, one_line_errors
 from kdtrain.features import classifier_name
 from kdtrain.models import build_model
 
@@ -114,6 +114,7 @@ def render(rows: list[tuple[str, str, str, int]], facts: dict[str, Any]) -> None
             console.print(f"{key}: {value}", highlight=False)
 
 
+@one_line_errors("kdtrain-inspect")
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
@@ -122,21 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     role = "student"
     if args and args[0] in ("--teacher", "--student"):
         role = args.pop(0)[2:]
-    try:
-        flags = [a for a in args if a.startswith("-")]
-        if flags:
-            raise UserError(
-                f"{flags[0]} is not an option of kdtrain-inspect; the first argument may be --teacher or "
-                "--student, the rest are kdtrain overrides"
-            )
-        overrides = [o for o in _normalise(args) if not o.lstrip("+~").startswith("hydra")]
-        check_command_line(overrides)
-        with hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra.compose(config_name="config", overrides=overrides)
-        _, rows, facts = describe(cfg, role)
-    except UserError as e:
-        print(f"kdtrain-inspect: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(
+            f"{flags[0]} is not an option of kdtrain-inspect; the first argument may be --teacher or "
+            "--student, the rest are kdtrain overrides"
+        )
+    overrides = [o for o in _normalise(args) if not o.lstrip("+~").startswith("hydra")]
+    check_command_line(overrides)
+    with hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra.compose(config_name="config", overrides=overrides)
+    _, rows, facts = describe(cfg, role)
     render(rows, facts)
 
 

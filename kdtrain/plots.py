@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger("kdtrain")
 
-LOSS_TERMS = ("loss", "ce", "kd", "feat")
+LOSS_TERMS = ("loss", "ce", "kd", "feat")  # always in the metrics; the other terms in force are in summary["loss"]
 
 
 def _figure(*size: float):
@@ -61,7 +61,8 @@ def plot_run(run_dir: Path, summary: dict[str, Any] | None = None) -> Path | Non
     acc.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
     acc.legend(loc="best", fontsize="small")
     acc.grid(alpha=0.3)
-    for term in LOSS_TERMS:
+    terms = list(LOSS_TERMS) + [t for t in (summary or {}).get("loss") or {} if t not in LOSS_TERMS]
+    for term in terms:
         values = [r.get(term) for r in rows]
         if any(v for v in values):  # terms the mode switches off stay 0: not drawn
             loss.plot(epochs, [float("nan") if v is None else v for v in values], marker=".", label=term)

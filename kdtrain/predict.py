@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdtrain.errors import UserError
-from kdtrain.rundir import cli, load_student, load_student_file, open_run, resolve_device
+from kdtrain.errors import UserError, one_line_errors
+from kdtrain.rundir import load_student, load_student_file, open_run, resolve_device
 
 TOOL = "kdtrain-predict"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -145,7 +145,7 @@ def load_predictor(model: str | Path, device: torch.device) -> Predictor:
     if path.is_dir():
         if (path / ".hydra" / "config.yaml").is_file():
             return _torch_predictor(load_student(open_run(path)), device, f"run {path}")
-        for name in ("model.pt", "model.onnx"):
+        for name in ("model.onnx", "model.pt", "model.pt2"):
             if (path / name).is_file() and (path / SIDECAR).is_file():
                 return load_predictor(path / name, device)
         raise UserError(
@@ -155,6 +155,12 @@ def load_predictor(model: str | Path, device: torch.device) -> Predictor:
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a run dir, a student .safetensors, or an exported .pt/.onnx")
     suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        raise UserError(
+            f"{path} is a torch.export program, which loads through pickle and could run code, so kdtrain does "
+            "not load it; give the run dir, its student.safetensors or model.onnx (kdtrain-export --format onnx), "
+            "or load it in your own code with torch.export.load if you trust its source"
+        )
     if suffix == ".safetensors":
         return _torch_predictor(load_student_file(path), device, f"weights {path}")
     if suffix == ".onnx":
@@ -269,7 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@cli
+@one_line_errors(TOOL)
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-predict."""
     args = parse_args(argv)

@@ -100,8 +100,12 @@ def write_summary(summary: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+def pct(x: float | None, std: float | None = None, sign: str = "%") -> str:
+    """A fraction as a percentage with two decimals, `-` when missing or NaN; `±std` when a std is given
+    (sweep tables: the std over seeds)."""
+    if x is None or math.isnan(x):
+        return "-"
+    return f"{100 * x:.2f}{sign}" if std is None else f"{100 * x:.2f}±{100 * std:.2f}"
 
 
 def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
@@ -111,27 +115,27 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
     table = Table(title=f"kdtrain: {t['name']} -> {s['name']}, mode={summary['mode']}, T={summary['temperature']}")
     for col in ("model", "params", "best val acc", "last val acc", "vs teacher"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(f"teacher ({t['name']})", f"{t['params']:,}", _pct(t["val_acc"]), _pct(t["val_acc"]), "1.00x params")
+    table.add_row(f"teacher ({t['name']})", f"{t['params']:,}", pct(t["val_acc"]), pct(t["val_acc"]), "1.00x params")
     if b is not None:
         table.add_row(
             "student alone (mode=none)",
             f"{s['params']:,}",
-            _pct(b["best_val_acc"]),
-            _pct(b["last_val_acc"]),
+            pct(b["best_val_acc"]),
+            pct(b["last_val_acc"]),
             f"{s['params'] / t['params']:.3f}x params",
         )
     table.add_row(
         f"student ({summary['mode']})",
         f"{s['params']:,}",
-        _pct(s["best_val_acc"]),
-        _pct(s["last_val_acc"]),
+        pct(s["best_val_acc"]),
+        pct(s["last_val_acc"]),
         f"{s['params'] / t['params']:.3f}x params",
     )
     console.print(table)
     if b is not None:
         gain = 100 * (s["best_val_acc"] - b["best_val_acc"])
         console.print(f"Distillation gain over the student alone: {gain:+.2f} points (best val acc, same seed).")
-    console.print(f"Teacher-student agreement: {_pct(s.get('agreement'))}; outputs in {summary['run_dir']}")
+    console.print(f"Teacher-student agreement: {pct(s.get('agreement'))}; outputs in {summary['run_dir']}")
 
 
 def _times(x: float | None) -> str:

@@ -15,13 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, Logger, validate
+from kdtrain.config import Amp, Logger
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.models import build_model, count_params
 from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
+from kdtrain.rundir import class_names
 from kdtrain.teacher import get_teacher
 from kdtrain.teacher_cache import TeacherCache, obtain
 from kdtrain.terms import LEGACY_COLUMNS, LossTerms, Setup, TermSpec, resolve
@@ -107,9 +108,11 @@ def _epoch_sink(
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy."""
+    """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy.
+
+    `cfg` has passed `config.validate` (the command line is checked before Hydra starts; call it yourself when
+    composing a config in code); what needs the data (sizes, classes) is checked here."""
     start = time.time()
-    validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = _resume(cfg, run_dir, config)
     if resume is not None and _finished(resume, cfg, run_dir):
@@ -199,6 +202,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "in_shape": list(splits.in_shape),
         "mean": splits.mean,
         "std": splits.std,
+        "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
     }
     save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
 
@@ -332,13 +336,9 @@ def _describe_weights(specs: list[TermSpec]) -> str:
 
 def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> None:
     """Check that the layers the terms read exist in both models, on the meta device (no memory, no RNG)."""
-    paths = {"student": [], "teacher": []}
-    for s in specs:
-        student, teacher = s.cls.layer_paths(s.cfg)
-        paths["student"] += student
-        paths["teacher"] += teacher
-    for role in ("student", "teacher"):
-        if not paths[role]:
+    wanted = [(s.cls.config_key, s.cls.layer_paths(s.cfg)) for s in specs]
+    for i, role in enumerate(("student", "teacher")):
+        if not any(paths[i] for _, paths in wanted):
             continue
         try:
             with torch.device("meta"):
@@ -347,7 +347,8 @@ def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> Non
                 )
         except Exception:
             continue
-        Capture(model, paths[role], role).remove()
+        for key, paths in wanted:
+            Capture(model, paths[i], role, key).remove()
 
 
 def _baseline(

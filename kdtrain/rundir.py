@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,20 +51,6 @@ class Student:
 
 def note(tool: str, message: str) -> None:
     print(f"{tool}: note: {message}", file=sys.stderr)
-
-
-def cli(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
-    """Wrap an entry point: a UserError becomes one line on stderr and exit status 2, no traceback."""
-
-    def wrapped(argv: list[str] | None = None) -> None:
-        try:
-            main(argv)
-        except UserError as e:
-            print(f"kdtrain: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    wrapped.__doc__ = main.__doc__
-    return wrapped
 
 
 def open_run(path: str | Path) -> Run:

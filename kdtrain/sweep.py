@@ -22,13 +22,13 @@ import csv
 import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, one_line_errors
+from kdtrain.report import pct
 
 log = logging.getLogger("kdtrain")
 
@@ -222,14 +222,6 @@ def write_files(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def _pct(mean: float | None, std: float | None = None, show_std: bool = True) -> str:
-    if mean is None:
-        return "-"
-    if not show_std:
-        return f"{100 * mean:.2f}"
-    return f"{100 * mean:.2f}±{100 * std:.2f}" if std is not None else f"{100 * mean:.2f}±-"
-
-
 def _x(v: float | None) -> str:
     return "-" if v is None else (f"{v:,.0f}x" if v >= 100 else f"{v:.3g}x")
 
@@ -262,8 +254,8 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
         table.add_row(
             f"teacher ({t['name']})",
             "",
-            _pct(t["val_acc"], show_std=False),
-            _pct(t["val_acc"], show_std=False),
+            pct(t["val_acc"], sign=""),
+            pct(t["val_acc"], sign=""),
             f"{t['params']:,}",
             "1x",
             "1x",
@@ -278,8 +270,8 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
         table.add_row(
             label,
             n,
-            _pct(r["best_mean"], r["best_std"]),
-            _pct(r["last_mean"], r["last_std"]),
+            pct(r["best_mean"], r["best_std"]) if r["best_std"] is not None else pct(r["best_mean"], sign="±-"),
+            pct(r["last_mean"], r["last_std"]) if r["last_std"] is not None else pct(r["last_mean"], sign="±-"),
             "-" if r["student_params"] is None else f"{r['student_params']:,}",
             _x(r["flops_ratio"]),
             _x(r["latency_ratio_batch_1"]),
@@ -362,6 +354,7 @@ class SweepSummary(Callback):
 # ---------------------------------------------------------------- kdtrain-report
 
 
+@one_line_errors("kdtrain-report")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kdtrain-report",
@@ -379,11 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path.cwd())
-    try:
-        report(args.dirs, out, plots=not args.no_plots)
-    except UserError as e:
-        print(f"kdtrain-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report(args.dirs, out, plots=not args.no_plots)
 
 
 if __name__ == "__main__":

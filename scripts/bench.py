@@ -64,6 +64,8 @@ class Setup:
     cfg: Any  # the composed kdtrain config (recipe, weights, temperature)
     weights: dict[str, float]
     description: str
+    classes: int = 10
+    in_shape: tuple[int, ...] = (1, 8, 8)
 
 
 def compose(overrides: list[str]) -> Any:
@@ -108,10 +110,10 @@ def setup(case: str, device: torch.device, samples: int) -> Setup:
         f"{len(train):,} training samples {tuple(in_shape)}, {classes} classes, "
         f"batch {cfg.batch_size}, mode {cfg.mode.value}"
     )
-    return Setup(teacher, make_student, train, val, cfg, effective_weights(cfg), desc)
+    return Setup(teacher, make_student, train, val, cfg, effective_weights(cfg), desc, classes, tuple(in_shape))
 
 
-def spec(cfg: Any, weights: dict[str, float], label: str, channels_last: bool | None) -> FitSpec:
+def spec(cfg: Any, label: str, channels_last: bool | None) -> FitSpec:
     kwargs = {}
     if "channels_last" in inspect.signature(FitSpec).parameters:
         kwargs["channels_last"] = channels_last
@@ -122,8 +124,6 @@ def spec(cfg: Any, weights: dict[str, float], label: str, channels_last: bool | 
         seed=0,
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
-        weights=weights,
-        temperature=float(cfg.temperature),
         label=label,
         progress="off",
         **kwargs,
@@ -192,17 +192,25 @@ def engine_runner(
     s: Setup,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-    weights: dict[str, float],
+    distill: bool,
     label: str,
     channels_last: bool | None,
     **fit_kwargs: Any,
 ) -> Callable[[], float]:
-    """One epoch of kdtrain.engine.fit per call, on a student kept across calls; returns its epoch seconds."""
+    """One epoch of kdtrain.engine.fit per call, on a student kept across calls; returns its epoch seconds.
+    `distill`: the mode's loss terms (else CE alone, the student without a teacher)."""
+    from kdtrain.terms import LossTerms, resolve
+    from kdtrain.terms import Setup as TermSetup
+
     student = s.make_student()
+    terms = None
+    if distill:
+        setup = TermSetup(student, s.teacher, s.train, s.classes, s.in_shape, device, s.cfg)
+        terms = LossTerms(resolve(s.cfg), setup).to(device)
 
     def run() -> float:
         result = fit(
-            student, s.train, s.val, spec(s.cfg, weights, label, channels_last), device, amp_dtype, **fit_kwargs
+            student, s.train, s.val, spec(s.cfg, label, channels_last), device, amp_dtype, terms=terms, **fit_kwargs
         )
         return float(result["history"][-1]["epoch_seconds"])
 
@@ -263,16 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     runners["plain"] = plain.epoch
     can_cache = "teacher_cache" in inspect.signature(fit).parameters
     off = {"teacher_cache": None} if can_cache else {}
-    runners["engine"] = engine_runner(s, device, amp_dtype, s.weights, "engine", cl, teacher=s.teacher, **off)
+    runners["engine"] = engine_runner(s, device, amp_dtype, True, "engine", cl, teacher=s.teacher, **off)
     cache_seconds = None
     if can_cache:
         cache, cache_seconds = build_cache(s, device, amp_dtype, bool(args.channels_last))
         runners["cached"] = engine_runner(
-            s, device, amp_dtype, s.weights, "cached", cl, teacher=s.teacher, teacher_cache=cache
+            s, device, amp_dtype, True, "cached", cl, teacher=s.teacher, teacher_cache=cache
         )
     else:
         print("kdtrain.engine.fit takes no teacher_cache here: the cached way is skipped")
-    runners["student_alone"] = engine_runner(s, device, amp_dtype, {"ce": 1.0, "kd": 0.0, "feat": 0.0}, "alone", cl)
+    runners["student_alone"] = engine_runner(s, device, amp_dtype, False, "alone", cl)
 
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)

@@ -142,16 +142,16 @@ CASES = [
     ("teacher-code-torch-save", ["teacher.checkpoint={inputs}/evil_zip.pt"], "names Python code (posix.system)", "run"),
     ("diverging-lr", ["lr=1e6", "teacher_store={store}"], "non-finite", "run"),
 ]
-SKIP = {
-    "cuda-without-cuda": (torch.cuda.is_available(), "this machine has CUDA"),
-    "mnist-files-missing": (not (CONF / "dataset" / "mnist.yaml").exists(), "no mnist dataset yet"),
-    "empty-image-folder": (not (CONF / "dataset" / "imagefolder.yaml").exists(), "no imagefolder dataset yet"),
-    "corrupt-image": (not (CONF / "dataset" / "imagefolder.yaml").exists(), "no imagefolder dataset yet"),
-}
+SKIP = {"cuda-without-cuda": (torch.cuda.is_available(), "this machine has CUDA")}
 
 
-def test_the_table_is_large_enough():
-    assert len(CASES) >= 15 and sum(where == "run" for *_, where in CASES) >= 8
+def test_the_table_names_each_case_once_and_covers_both_stages():
+    # Case ids are test ids; a duplicate would silently shadow a case. Both stages are exercised: the command
+    # line checked before Hydra starts ("pre") and errors found while running, through a real process ("run").
+    names = [name for name, *_ in CASES]
+    assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+    assert {where for *_, where in CASES} == {"pre", "run"}
+    assert all(needle for _, _, needle, _ in CASES), "every case names the words its error line must contain"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import hydra
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
@@ -30,7 +31,7 @@ def test_every_group_option_composes(compose, group):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(compose, experiment):
-    validate(compose(f"+experiment={experiment}"))
+    validate(compose(f"experiment={experiment}"))
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,60 @@ def test_good_command_lines_pass():
     check_command_line(["mode=combined", "temperature=4"])
     check_command_line(["--multirun", "temperature=1,4,8", "mode=soft,combined"])
     check_command_line(["experiment=digits_missing_class"])
+    check_command_line(["+experiment=digits_missing_class"])  # the older spelling keeps working
+
+
+def test_every_default_has_one_home():
+    # A key whose value sits both in the schema (kdtrain/config.py) and in conf/config.yaml can drift (it did:
+    # teacher_train.batch_size was 64 in one and 32 in the other). The YAML is the home of root values.
+    from omegaconf import OmegaConf
+
+    from kdtrain.config import KDConfig
+
+    schema = OmegaConf.structured(KDConfig)
+    root = OmegaConf.load(CONF / "config.yaml")
+    both = []
+
+    def walk(yaml_node, schema_node, prefix=""):
+        for key in yaml_node:
+            if (not prefix and key in ("defaults", "hydra")) or key not in schema_node:
+                continue
+            if OmegaConf.is_dict(yaml_node._get_node(key)) and OmegaConf.is_dict(schema_node._get_node(key)):
+                walk(yaml_node[key], schema_node[key], f"{prefix}{key}.")
+            elif not OmegaConf.is_missing(schema_node, key):
+                both.append(f"{prefix}{key}")
+
+    walk(root, schema)
+    assert not both, f"these keys have a value in both kdtrain/config.py and conf/config.yaml: {both}"
+    mode = OmegaConf.load(CONF / "mode" / "soft.yaml")
+    assert all(OmegaConf.is_missing(schema, k) for k in mode if k in schema)
+
+
+def test_the_run_dir_pattern_has_one_home():
+    from datetime import datetime
+
+    from kdtrain.cli import default_run_dir
+
+    # Under torchrun the CLI fills conf/config.yaml's hydra.run.dir with rank 0's clock; it reads the pattern there.
+    assert default_run_dir(datetime(2026, 1, 2, 3, 4, 5)) == "outputs/runs/2026-01-02/03-04-05"
+
+
+def test_experiment_values_win_over_the_root_config():
+    # `experiment: null` sits after _self_ in the root defaults, so an experiment's keys override the root's.
+    with hydra.initialize_config_module(config_module="kdtrain.conf", version_base="1.3"):
+        cfg = hydra.compose("config", overrides=["experiment=cifar100_resnet56_resnet20_kd"])
+        plain = hydra.compose("config")
+    assert (cfg.epochs, cfg.teacher_train.epochs, cfg.scheduler.name) == (240, 240, "multistep")
+    assert (plain.epochs, plain.scheduler.name) == (30, "cosine")
+
+
+def test_the_cifar_recipe_is_written_once():
+    # Every CIFAR-100 experiment composes conf/recipe/cifar100.yaml and holds only what differs.
+    for path in sorted((CONF / "experiment").glob("cifar100_*.yaml")):
+        text = path.read_text()
+        assert "- /recipe: cifar100" in text, path.name
+        recipe_keys = ("epochs:", "teacher_train:", "scheduler:", "lr:")
+        assert not any(line.startswith(recipe_keys) for line in text.splitlines()), path.name
 
 
 @pytest.mark.parametrize("argv", [["temperature=abc"], ["epochs=0"], ["device=tpu"], ["amp=fp16", "device=cpu"]])

@@ -95,7 +95,7 @@ def test_crd_banks_survive_a_sigkill_and_resume_exactly(tmp_path, store, compose
     [("resnet32x4_resnet8x4", 5.0), ("wrn_40_2_wrn_16_2", 5.0), ("resnet56_resnet20", 0.6)],
 )
 def test_cifar100_recipes_carry_the_published_weights(compose, pair, reviewkd_weight):
-    crd = compose(f"+experiment=cifar100_{pair}_crd")
+    crd = compose(f"experiment=cifar100_{pair}_crd")
     validate(crd)
     assert (list(crd.loss), crd.ce_weight, crd.crd.weight, crd.crd.nce_k, crd.crd.nce_t) == (
         ["ce", "crd"],
@@ -104,7 +104,7 @@ def test_cifar100_recipes_carry_the_published_weights(compose, pair, reviewkd_we
         16384,
         0.07,
     )
-    review = compose(f"+experiment=cifar100_{pair}_reviewkd")
+    review = compose(f"experiment=cifar100_{pair}_reviewkd")
     validate(review)
     assert (list(review.loss), review.ce_weight, review.reviewkd.weight, review.reviewkd.warmup_epochs) == (
         ["ce", "reviewkd"],

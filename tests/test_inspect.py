@@ -107,7 +107,7 @@ def test_recipes(teacher: str, student: str, method: str) -> None:
     name = f"cifar100_{teacher}_{student}_{method}"
     assert (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_\n")
     with hydra.initialize_config_module(config_module="kdtrain.conf", version_base="1.3"):
-        cfg = hydra.compose("config", overrides=[f"+experiment={name}"])
+        cfg = hydra.compose("config", overrides=[f"experiment={name}"])
     validate(cfg)
     assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == (teacher, student, "cifar100")
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.baseline) == (240, 0.05, 64, False)

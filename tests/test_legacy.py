@@ -35,11 +35,14 @@ def test_old_modes_give_the_recorded_losses(case, compose, tmp_path):
     same_rows(rows(tmp_path), RECORDED["rows"][case])
 
 
-def test_a_checkpoint_of_the_old_engine_resumes_exactly(compose, tmp_path):
-    """Stopped by SIGTERM mid-epoch 2 (old sums layout, `adapter` key): the resumed run ends where the
-    old code's uninterrupted run ended."""
+def test_a_checkpoint_of_the_old_engine_resumes_exactly(compose, tmp_path, caplog):
+    """Stopped by SIGTERM mid-epoch 2 (old sums layout, `adapter` key, a config without the keys added
+    since): the resumed run ends where the old code's uninterrupted run ended."""
     (tmp_path / "checkpoints").mkdir()
     shutil.copy(FIXTURES / "legacy_combined_mid_epoch.pt", tmp_path / "checkpoints" / "last.pt")
     overrides = [*RECORDED["overrides"]["base"], *RECORDED["overrides"]["mid_epoch"]]
+    caplog.set_level("INFO", logger="kdtrain")
     run(compose(*overrides, f"resume={tmp_path}"), tmp_path)
     same_rows(rows(tmp_path), RECORDED["rows"]["mid_epoch"])
+    assert "resuming from" in caplog.text and "after epoch 1 and 8 of 21 steps" in caplog.text
+    assert "settings that differ" not in caplog.text  # keys added since, at their defaults, are no difference

@@ -6,9 +6,12 @@ import logging
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from kdtrain.data import build_dataset
 from kdtrain.errors import UserError
+from kdtrain.models import build_model
 from kdtrain.report import COLUMNS
 from kdtrain.run import run
 from tests.conftest import run_cli
@@ -79,11 +82,25 @@ def test_same_seed_gives_identical_metrics(compose, tmp_path):
 
 def test_labelled_subset_and_excluded_classes(compose, tmp_path):
     cfg = compose("dataset.labelled_per_class=5", "dataset.exclude_classes=[3]", "baseline=false")
+    full = build_dataset(compose("dataset.labelled_per_class=null").dataset)  # every training label
+    splits = build_dataset(cfg.dataset)
+    y = splits.train.y
+    # 5 labels per class for every class but the hidden 3, which has no sample at all in the transfer set.
+    assert [int((y == c).sum()) for c in range(10)] == [5, 5, 5, 0, 5, 5, 5, 5, 5, 5]
+    threes = int((full.teacher_train.y == 3).sum())
+    assert len(splits.train) == len(full.teacher_train) - threes  # the unlabelled rest stays, minus the 3s
+    assert int((splits.teacher_train.y == 3).sum()) == 5  # the teacher still learns the class
     run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert "val_acc_excluded" in rows[0]
+    # val_acc_excluded is the final student's accuracy on the validation 3s (computed here independently).
+    student = build_model(OmegaConf.to_container(cfg.student), 10, splits.in_shape, "student").eval()
+    student.load_state_dict(load_file(tmp_path / "student.safetensors"))
+    with torch.no_grad():
+        threes = splits.val.x[splits.val.y == 3]
+        acc = (student(threes).argmax(1) == 3).float().mean().item()
+    assert rows[-1]["val_acc_excluded"] == pytest.approx(acc)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "last_val_acc_excluded" in summary["student"]
+    assert summary["student"]["last_val_acc_excluded"] == rows[-1]["val_acc_excluded"]
 
 
 def test_run_refuses_to_overwrite_a_finished_run(compose, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdtrain.config import validate
 from kdtrain.data import TensorSet
 from kdtrain.data.augment import make_augment
 from kdtrain.errors import UserError
@@ -313,13 +314,15 @@ def test_augmented_data_runs_the_teacher_or_replays_cached_views(compose, tmp_pa
     ],
 )
 def test_bad_cache_settings_are_user_errors(compose, tmp_path, override, message) -> None:
+    cfg = compose("baseline=false", override)
     with pytest.raises(UserError, match=message):
-        run(compose("baseline=false", override), tmp_path)
+        validate(cfg)  # what the command line checks before Hydra starts
+        run(cfg, tmp_path)
 
 
 def test_views_with_the_cache_off_is_a_user_error(compose, tmp_path) -> None:
     with pytest.raises(UserError, match="teacher_cache_views=2 needs the teacher cache, but teacher_cache=off"):
-        run(compose("teacher_cache=off", "teacher_cache_views=2"), tmp_path)
+        validate(compose("teacher_cache=off", "teacher_cache_views=2"))
 
 
 @pytest.mark.slow

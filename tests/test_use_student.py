@@ -60,7 +60,7 @@ def images(run_dir: Path) -> tuple[Path, np.ndarray]:
 def exported(run_dir: Path) -> Path:
     from kdtrain.export import export
 
-    formats = ["torchscript"]
+    formats = ["export", "torchscript"]
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -129,9 +129,44 @@ def test_eval_rejects_a_bad_override_in_one_line(run_dir: Path, capsys):
     from kdtrain.evaluate import main
 
     code, err = _exit_code_and_stderr(capsys, main, [str(run_dir), "dataset.val_size=abc"])
-    assert code == 2 and err.count("\n") == 1 and err.startswith("kdtrain: error: dataset.val_size=abc")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kdtrain-eval: error: dataset.val_size=abc")
     code, err = _exit_code_and_stderr(capsys, main, [str(run_dir), "lr=0.1"])
     assert code == 2 and "not a dataset override" in err
+
+
+def test_torch_export_program_matches_pytorch(run_dir: Path, exported: Path):
+    from kdtrain.rundir import load_student_file
+
+    meta = json.loads((exported / "model.json").read_text())
+    assert meta["files"]["export"]["file"] == "model.pt2" and meta["files"]["export"]["parity_max_abs_diff"] < 1e-4
+    module = torch.export.load(str(exported / "model.pt2")).module()  # our own file: trusted here
+    student = load_student_file(run_dir / "student.safetensors").model
+    for x in (_val_batch(run_dir), _val_batch(run_dir)[:3]):  # the batch dimension is dynamic
+        with torch.no_grad():
+            assert (module(x) - student(x)).abs().max().item() < 1e-4
+
+
+def test_predict_refuses_a_pt2_program(exported: Path, images, tmp_path: Path, capsys):
+    from kdtrain.predict import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(exported / "model.pt2"), str(images[0]), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "loads through pickle" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_from_a_bare_safetensors_names_the_classes(run_dir: Path, images, tmp_path: Path):
+    from kdtrain.predict import main
+    from kdtrain.rundir import read_meta
+
+    bare = tmp_path / "alone" / "student.safetensors"  # away from its run dir: only the file's metadata is left
+    bare.parent.mkdir()
+    bare.write_bytes((run_dir / "student.safetensors").read_bytes())
+    assert read_meta(bare)["class_names"] == [str(i) for i in range(10)]
+    main([str(bare), str(images[0]), "--out", str(tmp_path / "p.csv")])
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert rows and all(r["class"] == r["pred"] for r in rows)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -221,5 +256,5 @@ def test_corrupt_safetensors_exits_2_with_one_line(run_dir: Path, images, tmp_pa
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdtrain: error: ") and "corrupt" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("kdtrain-predict: error: ") and "corrupt" in lines[0]
     assert not (tmp_path / "p.csv").exists()

@@ -1,6 +1,7 @@
 """A wheel built from the repo, installed in a fresh venv, runs a tiny job from another directory."""
 
 import json
+import os
 import subprocess
 import sys
 import venv
@@ -18,17 +19,26 @@ def test_wheel_runs_from_another_directory(tmp_path):
         cwd=tmp_path,
     )
     wheel = next(dist.glob("kdtrain-*.whl"))
-    # The venv sees the system's torch & co. but gets its own kdtrain from the wheel.
+    # A fresh venv that gets its own kdtrain from the wheel and reuses the dependencies (torch & co.) already
+    # installed for the interpreter running the tests, wherever they are: the system's site-packages, or those
+    # of the user's venv or conda env (system_site_packages=True would see the base interpreter's only). The .pth
+    # lists those folders; Python does not read .pth files inside them, so an editable kdtrain there stays out.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the wheel's kdtrain only
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", wheel], check=True, capture_output=True)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    own = subprocess.run([python, "-c", purelib], check=True, capture_output=True, text=True, env=env).stdout.strip()
+    deps = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(own) / "_kdtrain_test_deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", wheel], check=True, capture_output=True, env=env)
     where = subprocess.run(
         [python, "-c", "import kdtrain.conf, kdtrain; print(kdtrain.__file__)"],
         check=True,
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
     ).stdout
     assert str(env_dir) in where, f"kdtrain imported from {where}, not from the wheel"
 
@@ -49,6 +59,7 @@ def test_wheel_runs_from_another_directory(tmp_path):
         text=True,
         cwd=elsewhere,
         timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((elsewhere / "run" / "summary.json").read_text())

@@ -6,7 +6,6 @@ training device and takes batches by indexing, with no DataLoader in the hot pat
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from kdtrain.errors import UserError
+from kdtrain.registry import Registry
 
 
 @dataclass
@@ -44,33 +44,21 @@ class Splits:
     augment: Callable[[Tensor], Tensor] | None = None
 
 
+def _import_builtin_datasets() -> None:
+    from kdtrain.data import digits, imagefolder, vision  # noqa: F401  (register themselves)
+
+
 Builder = Callable[[DictConfig], Splits]
-DATASETS: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(fn: Builder) -> Builder:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+DATASETS: Registry[Builder] = Registry("dataset", _import_builtin_datasets)
+register = DATASETS.register
 
 
 def known_datasets() -> list[str]:
-    from kdtrain.data import digits, imagefolder, vision  # noqa: F401  (register themselves)
-
-    return sorted(DATASETS)
+    return DATASETS.names()
 
 
 def build_dataset(cfg: DictConfig) -> Splits:
-    names = known_datasets()
-    if cfg.name not in DATASETS:
-        close = difflib.get_close_matches(str(cfg.name), names, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"dataset={cfg.name} is not a known dataset{hint}; known datasets: {', '.join(names)}")
-    return DATASETS[cfg.name](cfg)
+    return DATASETS.get(cfg.name, "dataset")(cfg)
 
 
 def make_transfer_set(train: TensorSet, num_classes: int, cfg: DictConfig) -> tuple[TensorSet, TensorSet]:
@@ -106,23 +94,13 @@ def make_transfer_set(train: TensorSet, num_classes: int, cfg: DictConfig) -> tu
 
 # Cheap (num_classes, in_shape) of a dataset config, without reading its samples (for kdtrain-inspect).
 ShapeFn = Callable[[DictConfig], tuple[int, tuple[int, int, int]]]
-DATASET_SHAPES: dict[str, ShapeFn] = {}
-
-
-def register_shape(name: str) -> Callable[[ShapeFn], ShapeFn]:
-    def wrap(fn: ShapeFn) -> ShapeFn:
-        if name in DATASET_SHAPES:
-            raise ValueError(f"dataset shape {name!r} is registered twice")
-        DATASET_SHAPES[name] = fn
-        return fn
-
-    return wrap
+DATASET_SHAPES: Registry[ShapeFn] = Registry("dataset shape", _import_builtin_datasets)
+register_shape = DATASET_SHAPES.register
 
 
 def dataset_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
     """(num_classes, in_shape) of the dataset `cfg` names; a dataset without a shape function is built."""
-    known_datasets()
     if cfg.name in DATASET_SHAPES:
-        return DATASET_SHAPES[cfg.name](cfg)
+        return DATASET_SHAPES.get(cfg.name, "dataset")(cfg)
     splits = build_dataset(cfg)
     return splits.num_classes, splits.in_shape

@@ -7,7 +7,6 @@ plus constructor keyword arguments. Keys that describe where weights come from
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable
@@ -16,39 +15,25 @@ from typing import Any
 from torch import nn
 
 from kdtrain.errors import UserError
+from kdtrain.registry import Registry
 
 Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
 
 # Config keys that are not constructor arguments.
 NON_MODEL_KEYS = {"name", "checkpoint", "weights", "_target_"}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Register `fn(num_classes, in_shape, **kwargs) -> nn.Module` under `name`."""
-
-    def wrap(fn: Builder) -> Builder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = fn
-        return fn
-
-    return wrap
-
-
 def _import_builtin_models() -> None:
     # Importing the modules runs their @register decorators.
-    from kdtrain.models import small, timm_models, tv  # noqa: F401
+    from kdtrain.models import cifar, small, timm_models, tv  # noqa: F401
 
-    try:
-        from kdtrain.models import cifar  # noqa: F401
-    except ImportError:  # pragma: no cover - the zoo is optional while it is being built
-        pass
+
+MODELS: Registry[Builder] = Registry("model", _import_builtin_models)
+register = MODELS.register  # @register("name"): fn(num_classes, in_shape, **kwargs) -> nn.Module
 
 
 def known_models() -> list[str]:
-    _import_builtin_models()
-    return sorted(MODELS) + ["custom"]
+    return MODELS.names(extra=["custom"])
 
 
 def _import_target(path: str, role: str) -> Callable[..., nn.Module]:
@@ -106,7 +91,6 @@ def _construct(
 
 def resolve_builder(cfg: dict[str, Any], role: str) -> tuple[Callable[..., nn.Module], dict[str, Any], str, bool]:
     """(builder, constructor kwargs, label, is_builtin) for a model config; checks options without building."""
-    _import_builtin_models()
     name = cfg.get("name")
     kwargs = {k: v for k, v in cfg.items() if k not in NON_MODEL_KEYS}
     if name == "custom":
@@ -116,11 +100,7 @@ def resolve_builder(cfg: dict[str, Any], role: str) -> tuple[Callable[..., nn.Mo
         fn = _import_target(str(target), role)
         _check_kwargs(fn, kwargs, role, str(target), {"num_classes", "in_shape"})
         return fn, kwargs, str(target), False
-    if name not in MODELS:
-        close = difflib.get_close_matches(str(name), known_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"{role}={name} is not a known model{hint}; known models: {', '.join(known_models())}")
-    fn = MODELS[name]
+    fn = MODELS.get(name, role, extra=["custom"])
     _check_kwargs(fn, kwargs, role, str(name), {"num_classes", "in_shape"})
     return fn, kwargs, str(name), True
 

@@ -288,6 +288,13 @@ class LossTerms(nn.Module):
                 raise ValueError(f"the {spec.name} term needs a Setup to be built")
             built[spec.name] = spec.cls(spec.cfg, setup)
         self.terms = nn.ModuleDict(built)
+        # Computed at every step: the terms with a weight, and those that read only the student's logits
+        # and the labels (ce's column shows CE even at ce_weight=0, as before the registry).
+        self.reported = [
+            s.name
+            for s, t in zip(specs, built.values())
+            if s.weight > 0 or not (t.uses_teacher_logits or t.student_layers or t.teacher_layers)
+        ]
 
     @property
     def names(self) -> list[str]:
@@ -322,11 +329,11 @@ class LossTerms(nn.Module):
         return out
 
     def forward(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
-        """Every term with a weight > 0 (each is reported), and the loss: the terms on at `batch.epoch`,
+        """Every reported term's value, and the loss: the terms on at `batch.epoch`,
         weighted. A term off at this epoch (before its start) is left out of the graph, so parameters only
         it reaches get no gradient and SGD leaves them alone, weight decay included."""
         weights = self.weights_at(batch.epoch)
-        values = {s.name: self.terms[s.name](batch) for s in self.specs if s.weight > 0}
+        values = {name: self.terms[name](batch) for name in self.reported}
         weighted = [weights[name] * value for name, value in values.items() if weights[name] != 0]
         if not weighted:
             raise ValueError(f"no loss term is on at epoch {batch.epoch}")
