@@ -78,7 +78,9 @@ def test_crd_banks_survive_a_sigkill_and_resume_exactly(tmp_path, store, compose
     run(compose(*args), reference)
 
     run_dir = tmp_path / "run"
-    killed = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"KDTRAIN_TEST_KILL_AFTER_EPOCH": "1"})
+    # SIGKILL right after epoch 1's last.pt (main spells the fault injection KDTRAIN_TEST_KILL_AT; both set).
+    kill = {"KDTRAIN_TEST_KILL_AFTER_EPOCH": "1", "KDTRAIN_TEST_KILL_AT": "last.pt:1"}
+    killed = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and int(saved["terms"]["crd"]["loss.steps"]) > 0
