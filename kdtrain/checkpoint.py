@@ -1,16 +1,19 @@
 """Atomic writes, safe loads and resume checks. Nothing a user hands us is unpickled with code
-execution: checkpoints load with `torch.load(weights_only=True)`, weights with safetensors."""
+execution: checkpoints load with `torch.load(weights_only=True)`, weights with safetensors.
+Checkpoints carry a checksum of their content (`sha256`), verified on every load."""
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
+import random
 import re
+import signal
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +21,59 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, write_error
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temp file in the same directory, fsync it, rename it over `path`, fsync the directory.
 
     A crash at any point leaves either the old file or the new one, never a torn one; the directory
-    fsync makes the rename itself survive a power loss.
+    fsync makes the rename itself survive a power loss. A full disk or a read-only folder raises a
+    WriteError (one line naming the path), leaving no temp file. The file gets the permissions of
+    the user's umask, as a plain open() would (mkstemp alone makes it 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: safetensors replaces the file it is given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as e:
+        error = write_error(e, path)  # judged while a partial temp file still takes its space
+        if error is None:
+            raise
+        raise error from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    _kill_point(path)
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (created when missing) while the block runs: parallel jobs wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+# Test-only fault injection: KDTRAIN_TEST_KILL_AT=NAME:N SIGKILLs this process right after its N-th
+# atomic write of a file named NAME (e.g. best.pt:2), so tests can crash a run at each of its writes.
+_WRITES: Counter[str] = Counter()
+
+
+def _kill_point(path: Path) -> None:
+    target = os.environ.get("KDTRAIN_TEST_KILL_AT")
+    if not target:
+        return
+    _WRITES[path.name] += 1
+    name, _, n = target.rpartition(":")
+    if path.name == name and _WRITES[name] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -67,8 +89,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# The key of a checkpoint's checksum: sha256 over every other entry (see state_digest).
+CHECKSUM = "sha256"
+
+
+def state_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content: tensors by dtype, shape and bytes, containers in order, other
+    values by type and repr (what torch.load(weights_only=True) gives back unchanged)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def non_finite(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    return [
+        k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(state, p))
+    """torch.save `state` atomically, with its checksum (any old one is replaced)."""
+    body = {k: v for k, v in state.items() if k != CHECKSUM}
+    atomic_write(path, lambda p: torch.save({**body, CHECKSUM: state_digest(body)}, p))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -91,6 +157,12 @@ def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} {path} {_why_unloadable(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dictionary")
+    # Checkpoints kdtrain wrote carry a checksum; older ones and other tools' files have none.
+    if CHECKSUM in state and state_digest({k: v for k, v in state.items() if k != CHECKSUM}) != state[CHECKSUM]:
+        raise UserError(
+            f"{what} {path} fails its checksum: its content changed after kdtrain wrote it (a bit flip on disk "
+            "or in a copy); use an intact copy (a run's checkpoints/best.pt holds its best epoch)"
+        )
     return state
 
 
@@ -164,7 +236,7 @@ TRAINING_KEYS = ("model", "adapter", "optimizer", "scheduler", "scaler", "epoch"
 # of the optimizer state and schedule (the first difference is an error).
 MUST_MATCH = ("student", "teacher", "dataset", "mode", "loss", "optimizer.name", "batch_size")
 # Settings that may change on resume without changing the result.
-FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline")
+FREE = ("resume", "progress", "teacher_store", "nan_policy", "baseline", "logger", "wandb", "mlflow", "offline")
 
 
 def find_resume(value: str | None, run_dir: Path | None) -> Path | None:
@@ -198,6 +270,16 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
+def refuse_another_run(run_dir: Path, checkpoint: Path | None) -> None:
+    """A run dir that holds a run is written into only by a resume of its own checkpoint."""
+    holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+    if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
+        raise UserError(
+            f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
+            f"or continue that run with resume={run_dir}"
+        )
+
+
 def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Load a checkpoint to resume from and check it against the current resolved `config`.
 
@@ -225,7 +307,30 @@ def load_training_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[s
             )
         if not any(key == k or key.startswith(k + ".") for k in FREE):
             changed.append(f"{key}: {_show(old)} -> {_show(new)}")
+    _check_progress(state, path)
     return state, changed
+
+
+def _check_progress(state: dict[str, Any], path: Path) -> None:
+    """The epoch count, metrics history and RNG states are usable (each is restored as it is on resume)."""
+    history, rng = state["history"], state["rng"]
+    problem = None
+    if not isinstance(state["epoch"], int) or not isinstance(history, list) or len(history) != state["epoch"]:
+        problem = f"epoch {state['epoch']!r} does not match its {type(history).__name__} of metrics rows"
+    elif not all(isinstance(row, dict) and isinstance(row.get("val_acc"), (int, float)) for row in history):
+        problem = "its metrics history holds a row that is not an epoch's metrics"
+    else:
+        try:
+            torch.Generator().set_state(rng["torch"])
+            torch.Generator().set_state(rng["batches"])
+            random.Random().setstate((3, tuple(rng["python"]), None))
+        except (TypeError, ValueError, KeyError, RuntimeError, IndexError):
+            problem = "its random-number-generator states ('rng') are damaged"
+    if problem:
+        raise UserError(
+            f"resume {path} is damaged: {problem}; resume from another checkpoint (e.g. checkpoints/best.pt) "
+            "or start a new run"
+        )
 
 
 _UNSET = object()

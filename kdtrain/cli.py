@@ -25,10 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from kdtrain import distributed
-from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of
+from kdtrain import distributed, runlock
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, run_dir_of
 from kdtrain.config import register_schema, validate
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, WriteError
 
 CONFIG_MODULE = "kdtrain.conf"
 # Flags after which Hydra prints something instead of running (no need to check overrides).
@@ -52,6 +52,10 @@ FLAGS_WITH_VALUE = {
     "--shell-completion",
     "-sc",
 }
+
+# What a run writes into its run dir; a folder that holds one of these without Hydra's .hydra/ is
+# someone else's.
+KDTRAIN_OUTPUTS = ("metrics.jsonl", "metrics.csv", "summary.json", "student.safetensors", "checkpoints", "baseline")
 
 log = logging.getLogger("kdtrain")
 register_schema()
@@ -181,6 +185,7 @@ def check_command_line(argv: list[str]) -> list[str]:
         elif f.startswith("--config-name="):
             config_name = f.split("=", 1)[1]
     multirun = "-m" in flags or "--multirun" in flags
+    _check_syntax(overrides, multirun)
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     variants = _sweep_variants(user) if multirun else [user]
     extra: list[str] = []
@@ -201,6 +206,31 @@ def check_command_line(argv: list[str]) -> list[str]:
             if not multirun:
                 extra = _check_outputs(cfg, overrides)
     return argv + extra
+
+
+def _check_syntax(overrides: list[str], multirun: bool) -> None:
+    """Each override parses (Hydra's own ones too, which are not composed here), lists several values
+    only in a sweep, and no output folder has a control character (a newline breaks logs and commands)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        key, _, value = text.partition("=")
+        name = key.lstrip("+~")
+        if name in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir") and not value.isprintable():
+            raise UserError(f"{name}={value!r} holds a control character (a newline?); choose a folder name without")
+        try:
+            override = parser.parse_overrides([text])[0]
+        except OverrideParseException:
+            raise UserError(
+                f"cannot parse {text!r}: Hydra needs quotes around a value with characters such as non-ASCII "
+                f"letters, commas or brackets, e.g. {_shell_override(key, value)}"
+            ) from None
+        if override.is_sweep_override() and not multirun:
+            raise UserError(
+                f"{text!r} lists several values (a comma separates values to sweep over): add --multirun to sweep, "
+                f"or quote the value, e.g. {_shell_override(key, value)}"
+            )
 
 
 def _check_machine(cfg: DictConfig) -> None:
@@ -226,7 +256,7 @@ def _check_writable(folder: Path, key: str) -> None:
 def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """Where a single run writes: the run dir (not another run's, unless resuming it) and the teacher
     store can be written, and a checkpoint to resume from fits this config. Returns overrides to add."""
-    run_dir = next((Path(o.split("=", 1)[1]).expanduser() for o in overrides if o.startswith("hydra.run.dir=")), None)
+    run_dir = next((Path(_value_of(o)).expanduser() for o in overrides if o.startswith("hydra.run.dir=")), None)
     extra = []
     checkpoint = find_resume(cfg.resume, run_dir)
     if checkpoint is not None and run_dir is None:
@@ -235,24 +265,53 @@ def _check_outputs(cfg: DictConfig, overrides: list[str]) -> list[str]:
             extra.append(f"hydra.run.dir={_hydra_value(str(run_dir))}")
     if run_dir is not None:
         _check_writable(run_dir, "hydra.run.dir")
-        holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
-        if holds_run and (checkpoint is None or run_dir_of(checkpoint) != run_dir.resolve()):
+        refuse_another_run(run_dir, checkpoint)
+        resumes_it = checkpoint is not None and run_dir_of(checkpoint) == run_dir.resolve()
+        ours = [name for name in KDTRAIN_OUTPUTS if (run_dir / name).exists()]
+        if ours and not resumes_it and not (run_dir / ".hydra").is_dir():
             raise UserError(
-                f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-                f"or continue that run with resume={run_dir}"
+                f"{run_dir} holds {ours[0]} but is not a kdtrain run dir (it has no .hydra/), and kdtrain would "
+                "overwrite it; choose another hydra.run.dir"
             )
     if checkpoint is not None:
         load_training_checkpoint(checkpoint, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     if not cfg.teacher.get("checkpoint"):
-        _check_writable(Path(str(cfg.teacher_store)).expanduser(), "teacher_store")
+        from kdtrain.run import resolve_amp, resolve_device
+        from kdtrain.teacher import WEIGHTS, precision, teacher_key
+
+        store = Path(str(cfg.teacher_store)).expanduser()
+        key = teacher_key(cfg, precision(resolve_amp(cfg.amp, resolve_device(cfg.device))))
+        if not (store / key / WEIGHTS).is_file():  # reading a stored teacher needs no write access
+            _check_writable(store, "teacher_store")
+    if run_dir is not None and distributed.is_main():
+        # One run per run dir, held until this process ends: taken before Hydra writes anything there,
+        # after the checks (a refused command creates nothing); the run dir is checked again under the
+        # lock, as another process may have finished a run there since.
+        runlock.hold(run_dir)
+        refuse_another_run(run_dir, checkpoint)
     return extra
+
+
+def _value_of(override: str) -> str:
+    """The value Hydra reads from `key=value` (quotes removed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return str(OverridesParser.create().parse_overrides([override])[0].value())
 
 
 def _hydra_value(text: str) -> str:
     """`text` as a Hydra override value (quoted unless it is plain path characters)."""
-    if re.fullmatch(r"[\w./~-]+", text):
+    if re.fullmatch(r"[A-Za-z0-9_./~-]+", text):
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    # Hydra unescapes backslashes only before a quote (and before the closing one): double those, escape the quote.
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
+
+
+def _shell_override(key: str, value: str) -> str:
+    """`key=value` quoted for Hydra, then for the shell: pasted into a terminal, Hydra gets `value` as it is."""
+    return shlex.quote(f"{key}={_hydra_value(value)}")
 
 
 def _culprit(e: Exception, overrides: list[str]) -> str | None:
@@ -270,8 +329,31 @@ def _full_error() -> bool:
 
 
 def _resume_command(run_dir: Path, task_overrides: list[str]) -> str:
+    """The command that continues the run in `run_dir`, quoted to work when pasted into a shell (the run
+    dir quoted for Hydra too: a comma would make it a sweep)."""
     args = [o for o in task_overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
-    return shlex.join(["kdtrain", f"resume={run_dir}", *args])
+    return " ".join(["kdtrain", _shell_override("resume", str(run_dir)), *map(shlex.quote, args)])
+
+
+def _interrupted_message(e: Exception, run_dir: Path, task_overrides: list[str]) -> str:
+    """What an interrupted run says: what was saved (only what this interruption saved, or what an earlier
+    phase left) and the command that continues it."""
+    from kdtrain.engine import Interrupted
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if isinstance(e, Interrupted) and e.checkpoint is not None and e.checkpoint.is_file():
+        then = f"checkpoints/last.pt saved; continue with: {_resume_command(run_dir, task_overrides)}"
+    elif last.is_file():  # e.g. during the baseline: the student's training is done, the baseline restarts
+        then = (
+            "nothing saved for the current phase (checkpoints/last.pt holds the student's last epoch); continue "
+            f"with: {_resume_command(run_dir, task_overrides)}"
+        )
+    else:  # stopped before the student's first checkpoint (e.g. while the teacher trained)
+        args = [shlex.quote(o) for o in task_overrides if not o.startswith("resume=")]
+        then = f"nothing to resume yet; start again with: {' '.join(['kdtrain', *args])} " + _shell_override(
+            "hydra.run.dir", str(run_dir)
+        )
+    return f"{e}; {then}"
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
@@ -282,27 +364,30 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    locked_here = False
     try:
+        # A single run with hydra.run.dir holds its lock since the command-line check; a sweep's job or
+        # a run in the default dir takes it here (after Hydra's .hydra/, before any output of kdtrain).
+        locked_here = distributed.is_main() and runlock.hold(run_dir)
         with stop_on_signals():  # SIGINT / SIGTERM: finish the step, save, raise Interrupted
             return run(cfg, run_dir)
     except UserError as e:
-        log.error("%s", e)
+        message = str(e)
+        if isinstance(e, WriteError) and (run_dir / "checkpoints" / "last.pt").is_file():
+            message += f"; then continue with: {_resume_command(run_dir, list(hc.overrides.task))}"
+        log.error("%s", message)
         if hc.mode == RunMode.MULTIRUN or _full_error():
             raise  # the sweep records the failed job
-        print(f"kdtrain: error: {e}", file=sys.stderr)
+        print(f"kdtrain: error: {message}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        if (run_dir / "checkpoints" / "last.pt").is_file():
-            then = f"checkpoints/last.pt saved; continue with: {_resume_command(run_dir, list(hc.overrides.task))}"
-        else:  # stopped before the student's first checkpoint (e.g. while the teacher trained)
-            args = [o for o in hc.overrides.task if not o.startswith("resume=")]
-            then = (
-                f"nothing to resume yet; start again with: {shlex.join(['kdtrain', *args, f'hydra.run.dir={run_dir}'])}"
-            )
-        message = f"{e}; {then}"
+        message = _interrupted_message(e, run_dir, list(hc.overrides.task))
         log.warning("%s", message)
         print(f"kdtrain: {message}", file=sys.stderr)
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a killed job
+    finally:
+        if locked_here:  # the next job of a sweep in this process
+            runlock.release(run_dir)
 
 
 def default_run_dir(now: datetime) -> str:
@@ -327,6 +412,9 @@ def _distributed_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    # A log file that cannot be written (a full disk) must not add "--- Logging error ---" tracebacks
+    # to the one line that says so.
+    logging.raiseExceptions = False
     distributed.init()  # under torchrun: join the process group first (a no-op otherwise)
     try:
         argv = check_command_line(sys.argv[1:])

@@ -7,13 +7,15 @@ ranges and cross-key rules on the composed config before any work starts.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import math
 import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdtrain.errors import UserError
 from kdtrain.terms import LEGACY_COLUMNS, TermConfig
@@ -60,9 +62,8 @@ class CacheDtype(Enum):
     float16 = "float16"
 
 
-class Logger(Enum):
-    none = "none"
-    tensorboard = "tensorboard"
+# logger=NAME or logger=[NAME,...]: where the metrics go besides the run dir's files.
+LOGGERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
 class Progress(Enum):
@@ -106,10 +107,13 @@ class SchedulerConfig:
 class TeacherTrainConfig:
     """Recipe for training the teacher when no teacher.checkpoint is given."""
 
-    epochs: int = MISSING
+    epochs: int = MISSING  # 0: the teacher as loaded (evaluated and stored, never trained)
     lr: float = MISSING
     batch_size: int = MISSING
     seed: int = MISSING  # separate from the run's seed, so a sweep over seeds shares one teacher
+    # A pretrained teacher whose classifier already fits the dataset's classes is used as loaded (epochs 0).
+    use_fitting_pretrained: bool = MISSING
+    freeze_backbone_epochs: int = MISSING  # train the classifier alone for the first N epochs, then every layer
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -124,6 +128,25 @@ class FeatureConfig(TermConfig):
     loss: str = MISSING  # mse | smooth_l1 | cosine | at (attention transfer)
     align: str = MISSING  # spatial mismatch: pool the larger map | interpolate the smaller
     hint_epochs: int = MISSING  # FitNets stage 1: epochs of the hint loss alone, before the mode's loss
+
+
+@dataclass
+class WandbConfig:
+    """logger=wandb: where the run goes in Weights & Biases."""
+
+    project: str = MISSING
+    entity: str | None = MISSING  # null: your default entity
+    name: str | None = MISSING  # null: the run dir's name
+    mode: str | None = MISSING  # online | offline | disabled; null: WANDB_MODE, else online (offline=true: offline)
+
+
+@dataclass
+class MlflowConfig:
+    """logger=mlflow: where the run goes in MLflow."""
+
+    tracking_uri: str | None = MISSING  # null: MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    experiment: str = MISSING
+    run_name: str | None = MISSING  # null: the run dir's name
 
 
 @dataclass
@@ -153,7 +176,7 @@ class KDConfig:
     seed: int = MISSING
     device: str = MISSING
     amp: Amp = MISSING
-    baseline: bool = MISSING  # also train the student alone (mode=none) and report the gain
+    baseline: bool = MISSING  # also report the student alone (labelled samples only; kdtrain/baseline.py) and the gain
     teacher_store: str = MISSING
     progress: Progress = MISSING
     resume: str | None = MISSING  # a checkpoint file, a run dir (its checkpoints/last.pt), or auto
@@ -168,7 +191,10 @@ class KDConfig:
     teacher_cache_views: int = MISSING  # under augmentation: cache K fixed augmented views per sample
     teacher_cache_dir: str | None = MISSING  # teacher_cache=disk: null = <teacher_store>/cache
     compile: bool = MISSING  # torch.compile the student's training forward pass
-    logger: Logger = MISSING  # also log the metrics' scalars to TensorBoard (RUN_DIR/tensorboard)
+    logger: Any = MISSING  # none | tensorboard | wandb | mlflow, or a list: [tensorboard,mlflow]
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    offline: bool = MISSING  # no network access: pretrained weights from the caches only, trackers offline
 
 
 @functools.cache
@@ -199,6 +225,15 @@ def schema_default(key: str) -> Any:
     return node
 
 
+# Seeds go to torch.manual_seed, which takes -2**63 .. 2**64-1; the split seed also to scikit-learn's
+# random_state, which takes 0 .. 2**32-1.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+SPLIT_SEED_RANGE = (0, 2**32 - 1)
+# Below this temperature knowledge distillation does nothing useful: the KD term's gradient shrinks in
+# proportion to T (at T = 0.01 it is 0.6 % of its size at T = 4), is exactly 0 in float32 at T <= 1e-21
+# and the loss itself at T <= 1e-23 (scripts/kd_small_temperature.py measures both).
+MIN_TEMPERATURE = 0.01
+
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
@@ -211,22 +246,45 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and cross-key checks on a composed config; raises UserError naming the key."""
+    _check_finite(cfg, "")
     _check(cfg.temperature > 0, "temperature", cfg.temperature, "it must be > 0 (e.g. temperature=4)")
+    if effective_weights(cfg)["kd"] > 0:
+        _check(
+            cfg.temperature >= MIN_TEMPERATURE,
+            "temperature",
+            cfg.temperature,
+            f"below {MIN_TEMPERATURE} the KD term's gradient vanishes (it shrinks in proportion to T, and is "
+            "exactly 0 in float32 from 1e-21); use temperature >= 1 (e.g. temperature=4)",
+        )
+    for key, value in (("seed", cfg.seed), ("teacher_train.seed", cfg.teacher_train.seed)):
+        _check(SEED_RANGE[0] <= value <= SEED_RANGE[1], key, value, "it must fit in 64 bits (e.g. seed=0)")
+    _check(
+        SPLIT_SEED_RANGE[0] <= cfg.dataset.split_seed <= SPLIT_SEED_RANGE[1],
+        "dataset.split_seed",
+        cfg.dataset.split_seed,
+        f"it must be in 0..{SPLIT_SEED_RANGE[1]} (2**32-1)",
+    )
+    excluded = list(cfg.dataset.exclude_classes)
+    twice = next((c for i, c in enumerate(excluded) if c in excluded[:i]), None)
+    if twice is not None:
+        raise UserError(
+            f"dataset.exclude_classes={excluded} lists class {twice} more than once; list each hidden class once"
+        )
     _validate_feature(cfg)
-    if cfg.logger == Logger.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "logger=tensorboard needs the tensorboard package: pip install 'kdtrain[tensorboard]'"
-            ) from None
+    loggers(cfg)
     for key in ("alpha", "ce_weight", "kd_weight"):
         _check(cfg[key] >= 0, key, cfg[key], "it must be >= 0")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "it must be an integer >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "it must be an integer >= 1")
     _check(cfg.lr > 0, "lr", cfg.lr, "it must be > 0 (e.g. lr=0.05)")
     t = cfg.teacher_train
-    _check(t.epochs >= 1, "teacher_train.epochs", t.epochs, "it must be an integer >= 1")
+    _check(t.epochs >= 0, "teacher_train.epochs", t.epochs, "it must be an integer >= 0 (0: the teacher as loaded)")
+    _check(
+        0 <= t.freeze_backbone_epochs <= t.epochs,
+        "teacher_train.freeze_backbone_epochs",
+        t.freeze_backbone_epochs,
+        f"it must be >= 0 and at most teacher_train.epochs ({t.epochs})",
+    )
     _check(t.lr > 0, "teacher_train.lr", t.lr, "it must be > 0")
     _check(t.batch_size >= 1, "teacher_train.batch_size", t.batch_size, "it must be an integer >= 1")
     if not DEVICE_RE.match(cfg.device):
@@ -268,6 +326,38 @@ def _validate_terms(cfg: DictConfig) -> None:
         )
     if not any(s.weight and s.start_epoch == 1 for s in specs):
         raise UserError("no loss term is on at epoch 1; lower a term's start_epoch to 1")
+
+
+def loggers(cfg: DictConfig) -> list[str]:
+    """The trackers `logger` names (a name or a list of names; none: no tracker), each one installed."""
+    value = cfg.logger
+    names = [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+    for name in names:
+        if name not in LOGGERS:
+            raise UserError(
+                f"logger={name} is not accepted: use one of {', '.join(LOGGERS)}, or a list like "
+                "logger=[tensorboard,mlflow]"
+            )
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(
+                f"logger={name} needs the {name} package, which is not installed: pip install 'kdtrain[{name}]'"
+            )
+    return names
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float in the config (model options included) is finite: inf and NaN get one line naming the key."""
+    for key in node if isinstance(node, DictConfig) else range(len(node)):
+        if OmegaConf.is_missing(node, key):  # `???`: reported by the check that needs it
+            continue
+        value = node[key]
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}{'.' if prefix else ''}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name}={value} is not accepted: it must be a finite number")
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_finite(value, name)
 
 
 def _validate_feature(cfg: DictConfig) -> None:

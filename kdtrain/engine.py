@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -37,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kdtrain import distributed
-from kdtrain.checkpoint import load_into, save_checkpoint
+from kdtrain.checkpoint import load_checkpoint, load_into, save_checkpoint
 from kdtrain.data import TensorSet
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -45,6 +44,9 @@ from kdtrain.teacher_cache import TeacherCache
 from kdtrain.terms import Batch, LossTerms, ce_only
 
 log = logging.getLogger("kdtrain")
+
+# nan_policy=skip: more than this share of an epoch's steps skipped is a console warning (all of them: an error).
+SKIP_WARN_SHARE = 0.1
 
 
 @dataclass
@@ -558,6 +560,8 @@ class _Training:
         if self.last_path is None:
             return
         ckpt = self.state(epoch, epoch * self.steps_per_epoch, None)
+        # last.pt first: a crash before best.pt is written leaves a last.pt that knows it is the
+        # best epoch, and resume writes best.pt from it (_repair_best).
         save_checkpoint(ckpt, self.last_path)
         if improved:
             save_checkpoint(ckpt, self.last_path.with_name("best.pt"))
@@ -598,8 +602,8 @@ def fit(
             len(t.history),
             f" and {partial['batches']} of {t.steps_per_epoch} steps of epoch {len(t.history) + 1}" if partial else "",
         )
-    # Test-only: SIGKILL this process right after epoch N's checkpoint (tests of resume after a hard kill).
-    kill_after = int(os.environ.get("KDTRAIN_TEST_KILL_AFTER_EPOCH", "0")) if t.last_path is not None else 0
+    if resume is not None and t.last_path is not None:
+        _repair_best(resume, t.last_path.with_name("best.pt"))
     try:
         for epoch in range(len(t.history) + 1, spec.epochs + 1):
             for s in terms.specs:
@@ -607,6 +611,7 @@ def fit(
                     log.info("%s: the %s term is on from epoch %d", spec.label, s.name, epoch)
             totals, seconds, skipped = t.train_epoch(epoch, partial)
             partial = None
+            _check_skipped(spec, skipped, t.steps_per_epoch, epoch, t.last_path)
             if not _finite([*model.state_dict().values(), *terms.state_dict().values()]):
                 # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
                 raise UserError(
@@ -636,8 +641,6 @@ def fit(
                 on_epoch(row)
             t.history.append(row)
             t.save_epoch(epoch, improved)
-            if epoch == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
             if spec.progress != "off":
                 log.info(
                     "%s epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  %.0f samples/s%s",
@@ -716,6 +719,23 @@ def _restore(resume: Resume, t: _Training) -> dict[str, Any] | None:
     return partial
 
 
+def _repair_best(resume: Resume, best_path: Path) -> None:
+    """Write best.pt from the checkpoint resumed from when that checkpoint is the end of the best epoch
+    but best.pt does not hold it (a crash came between the epoch's last.pt and best.pt writes)."""
+    s = resume.state
+    epoch = int(s["epoch"])
+    if s.get("partial") is not None or epoch == 0 or int(s.get("best_epoch", 0)) != epoch:
+        return
+    if best_path.is_file():
+        try:
+            if int(load_checkpoint(best_path, "best.pt").get("epoch", -1)) == epoch:
+                return
+        except UserError:  # unreadable or failing its checksum: replaced by the good copy below
+            pass
+    log.info("resume: %s does not hold the best epoch (%d); writing it from %s", best_path, epoch, resume.path)
+    save_checkpoint(s, best_path)
+
+
 def _step_verdict(loss: Tensor, ddp: bool) -> tuple[bool, bool]:
     """(the loss is finite on every rank, a SIGINT/SIGTERM reached any rank): under torchrun one small
     collective a step, as ranks must agree on both or their next collectives would hang."""
@@ -740,6 +760,28 @@ def _stop_requested(ddp: bool, device: torch.device) -> bool:
     if signum and STOP.signum is None:
         STOP.signum = signum
     return bool(signum)
+
+
+def _check_skipped(spec: FitSpec, skipped: int, steps: int, epoch: int, last_path: Path | None) -> None:
+    """nan_policy=skip: an epoch with every step skipped trained nothing (an error); more than
+    SKIP_WARN_SHARE of its steps skipped is a warning on the console."""
+    if skipped == steps:
+        lr = "teacher_train.lr" if spec.label == "teacher" else "lr"
+        raise UserError(
+            f"{spec.label}: every step of epoch {epoch} had a non-finite loss and was skipped (nan_policy=skip), "
+            f"so nothing trains; {_keep_note(last_path)}; lower {lr} or check the teacher and the data for "
+            "non-finite values"
+        )
+    if skipped > SKIP_WARN_SHARE * steps:
+        log.warning(
+            "%s: %d of %d steps of epoch %d had a non-finite loss and were skipped (nan_policy=skip, more than "
+            "%.0f %%); the run is barely training: lower the learning rate",
+            spec.label,
+            skipped,
+            steps,
+            epoch,
+            100 * SKIP_WARN_SHARE,
+        )
 
 
 def _keep_note(last_path: Path | None) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kdtrain.checkpoint import atomic_write
 from kdtrain.errors import UserError, one_line_errors
 from kdtrain.report import pct
-from kdtrain.rundir import build_splits, load_student, load_teacher, note, open_run, resolve_device
+from kdtrain.rundir import add_trust_flag, build_splits, load_student, load_teacher, note, open_run, resolve_device
 
 TOOL = "kdtrain-eval"
 ECE_BINS = 15
@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_trust_flag(p)
     args = p.parse_intermixed_args(argv)
     if args.teacher and args.checkpoint is not None:
         p.error("--checkpoint picks student weights; it cannot be combined with --teacher")
@@ -213,7 +214,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if len(data) == 0:
         raise UserError(f"the {args.split} split has no labelled samples to evaluate on")
-    student = load_student(run, args.checkpoint, splits, dataset)
+    student = load_student(run, args.checkpoint, splits, dataset, args.trust_model_code)
     if student.num_classes != splits.num_classes or tuple(student.in_shape) != tuple(splits.in_shape):
         raise UserError(
             f"the dataset now has {splits.num_classes} classes of shape {tuple(splits.in_shape)} but the student "
@@ -225,7 +226,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
             f"the dataset's normalisation (mean {splits.mean}) differs from the student's training data "
             f"(mean {student.mean}); accuracy may suffer",
         )
-    teacher = load_teacher(run, student.num_classes, student.in_shape)
+    teacher = load_teacher(run, student.num_classes, student.in_shape, args.trust_model_code)
     if args.teacher and teacher is None:
         raise UserError(
             f"the teacher of {run.path} is gone (its store folder or checkpoint no longer exists); "

@@ -25,7 +25,7 @@ import kdtrain
 from kdtrain.checkpoint import atomic_write
 from kdtrain.errors import UserError, one_line_errors
 from kdtrain.predict import preprocessing_spec
-from kdtrain.rundir import build_splits, load_student, open_run
+from kdtrain.rundir import add_trust_flag, build_splits, load_student, open_run
 
 TOOL = "kdtrain-export"
 FORMATS = ("export", "onnx", "torchscript")
@@ -141,14 +141,21 @@ def _onnx_export(model: nn.Module, example: Tensor, tmp: Path) -> None:
 
 
 def export(
-    run_dir: str, formats: list[str], out: Path | None, checkpoint: str | None, overrides: list[str], atol: float = ATOL
+    run_dir: str,
+    formats: list[str],
+    out: Path | None,
+    checkpoint: str | None,
+    overrides: list[str],
+    atol: float = ATOL,
+    trust_model_code: bool = False,
 ) -> dict[str, Any]:
-    """Export the run's student in `formats` into `out`; returns the model.json record."""
+    """Export the run's student in `formats` into `out`; returns the model.json record.
+    `trust_model_code`: a custom model named in the run's config may be built."""
     run = open_run(run_dir)
     if "onnx" in formats:
         _require_onnx()  # before any work
     splits, dataset = build_splits(run, overrides)
-    student = load_student(run, checkpoint, splits, dataset)
+    student = load_student(run, checkpoint, splits, dataset, trust_model_code)
     if tuple(splits.in_shape) != tuple(student.in_shape):
         raise UserError(
             f"the dataset's inputs have shape {tuple(splits.in_shape)} but the student takes "
@@ -233,6 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=ATOL,
         help=f"largest logit difference accepted by the parity check (default {ATOL:g})",
     )
+    add_trust_flag(p)
     return p.parse_intermixed_args(argv)
 
 
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-export."""
     args = parse_args(argv)
     formats = list(ALL) if args.format == "all" else [args.format]
-    record = export(args.run_dir, formats, args.out, args.checkpoint, args.overrides, args.atol)
+    record = export(args.run_dir, formats, args.out, args.checkpoint, args.overrides, args.atol, args.trust_model_code)
     out = Path(args.out) if args.out is not None else Path(args.run_dir).expanduser() / "export"
     for fmt, info in record["files"].items():
         print(

@@ -19,6 +19,7 @@ map, flattened and L2-normalised, compared by mean squared error; it needs no ad
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,14 @@ def parse_pairs(feature: Any) -> list[Pair]:
             raise UserError(
                 f"feature.pairs[{i}] needs student and teacher module paths, e.g. {{student: layer3, teacher: layer3}}"
             )
-        weight = float(p.get("weight", 1.0))
+        try:
+            weight = float(p.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not math.isfinite(weight):
+            raise UserError(
+                f"feature.pairs[{i}].weight={p.get('weight')} is not accepted: it must be a number >= 0 (e.g. 1.0)"
+            )
         if weight < 0:
             raise UserError(f"feature.pairs[{i}].weight={weight} is out of range: it must be >= 0")
         out.append(Pair(str(p["student"]), str(p["teacher"]), weight))

@@ -25,6 +25,7 @@ from kdtrain.data import dataset_shape
 from kdtrain.errors import UserError, one_line_errors
 from kdtrain.features import classifier_name
 from kdtrain.models import build_model
+from kdtrain.models.hub import set_offline
 
 USAGE = """usage: kdtrain-inspect [--teacher | --student] [KEY=VALUE ...] [GROUP=OPTION ...]
 
@@ -78,6 +79,7 @@ def layer_rows(model: nn.Module, in_shape: tuple[int, int, int]) -> list[tuple[s
 def describe(cfg: DictConfig, role: str) -> tuple[nn.Module, list[tuple[str, str, str, int]], dict[str, Any]]:
     """Build the `role` model of a composed config for its dataset; (model, rows, facts)."""
     num_classes, in_shape = dataset_shape(cfg.dataset)
+    set_offline(cfg.offline)  # pretrained weights download as in a run, or not at all
     spec = OmegaConf.to_container(cfg[role], resolve=True)
     model = build_model(spec, num_classes, in_shape, role)
     rows = layer_rows(model, in_shape)

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdtrain.checkpoint import atomic_write
+
 log = logging.getLogger("kdtrain")
 
 LOSS_TERMS = ("loss", "ce", "kd", "feat")  # always in the metrics; the other terms in force are in summary["loss"]
@@ -71,7 +73,7 @@ def plot_run(run_dir: Path, summary: dict[str, Any] | None = None) -> Path | Non
     loss.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=100, format="png"))
     return out
 
 

@@ -9,8 +9,10 @@ An image that cannot be read is skipped with a warning on stderr and left out of
 without any image is an error.
 
 The CSV has the columns path, pred (class id), prob (its softmax probability) and, when the class
-names are known, class. Loading runs no code from the model file: safetensors and ONNX are data;
-a TorchScript file holds a TorchScript program (no Python pickle), so only load exports you trust.
+names are known, class. Loading runs no code from the model file: safetensors and ONNX are data,
+and a model spec read from a file may name registered models only (a custom `_target_` needs
+--trust-model-code); a TorchScript file holds a TorchScript program (no Python pickle), so only load
+exports you trust.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from kdtrain.errors import UserError, one_line_errors
-from kdtrain.rundir import load_student, load_student_file, open_run, resolve_device
+from kdtrain.rundir import add_trust_flag, checked_shapes, load_student, load_student_file, open_run, resolve_device
 
 TOOL = "kdtrain-predict"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -101,11 +103,12 @@ def _sidecar(model: Path) -> dict[str, Any]:
         if path.is_file():
             try:
                 meta = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise UserError(f"{path} is not valid JSON ({e}); re-export with kdtrain-export") from None
             missing = [k for k in ("in_shape", "mean", "std", "num_classes") if k not in meta]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; re-export the model with kdtrain-export")
+            checked_shapes(meta, path)
             return meta
     raise UserError(
         f"{model} needs its {SIDECAR} (input shape, normalisation) beside it; copy it from the "
@@ -139,12 +142,13 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def load_predictor(model: str | Path, device: torch.device) -> Predictor:
-    """Anything kdtrain can predict with, by what `model` is (see the module docstring)."""
+def load_predictor(model: str | Path, device: torch.device, trust_model_code: bool = False) -> Predictor:
+    """Anything kdtrain can predict with, by what `model` is (see the module docstring);
+    `trust_model_code`: a custom model named in a run's config or the weights' metadata may be built."""
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / ".hydra" / "config.yaml").is_file():
-            return _torch_predictor(load_student(open_run(path)), device, f"run {path}")
+            return _torch_predictor(load_student(open_run(path), trust=trust_model_code), device, f"run {path}")
         for name in ("model.onnx", "model.pt", "model.pt2"):
             if (path / name).is_file() and (path / SIDECAR).is_file():
                 return load_predictor(path / name, device)
@@ -162,7 +166,7 @@ def load_predictor(model: str | Path, device: torch.device) -> Predictor:
             "or load it in your own code with torch.export.load if you trust its source"
         )
     if suffix == ".safetensors":
-        return _torch_predictor(load_student_file(path), device, f"weights {path}")
+        return _torch_predictor(load_student_file(path, trust_model_code), device, f"weights {path}")
     if suffix == ".onnx":
         meta = _sidecar(path)
         try:
@@ -269,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write (default: preds.csv)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto, for PyTorch models (default: cpu)")
+    add_trust_flag(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
@@ -279,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of kdtrain-predict."""
     args = parse_args(argv)
-    predictor = load_predictor(args.model, resolve_device(args.device))
+    predictor = load_predictor(args.model, resolve_device(args.device), args.trust_model_code)
     rows, skipped = predict_folder(predictor, args.folder, args.out, args.batch_size)
     extra = f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""
     print(f"{TOOL}: {rows} predictions by {predictor.description} written to {args.out}{extra}")

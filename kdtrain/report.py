@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from kdtrain.checkpoint import atomic_write
+from kdtrain.errors import write_error
 
 # Columns of metrics.jsonl / metrics.csv, in order (a public interface: extend, never rename).
 COLUMNS = [
@@ -60,10 +64,24 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         values = self._values(row)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(values) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow(self._cells(values))
+        self._append(self.jsonl, lambda f: f.write(json.dumps(values) + "\n"))
+        self._append(self.csv, lambda f: csv.writer(f).writerow(self._cells(values)))
+
+    @staticmethod
+    def _append(path: Path, write: Callable[[IO[str]], Any]) -> None:
+        """Append one row; when the disk is full (or the folder read-only) cut the file back to its
+        previous rows, so no torn row is left, and raise the one-line WriteError."""
+        size = path.stat().st_size
+        try:
+            with open(path, "a", newline="") as f:
+                write(f)
+        except OSError as e:
+            error = write_error(e, path)
+            if error is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise error from None
 
 
 class TensorBoardWriter:
@@ -108,6 +126,10 @@ def pct(x: float | None, std: float | None = None, sign: str = "%") -> str:
     return f"{100 * x:.2f}{sign}" if std is None else f"{100 * x:.2f}±{100 * std:.2f}"
 
 
+def _collapsed(entry: dict[str, Any]) -> str:
+    return " \\[collapsed]" if entry.get("collapsed") else ""  # escaped: brackets are rich markup
+
+
 def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
     """Teacher vs student (and the student alone, when trained) in one table."""
     console = console or Console()
@@ -115,17 +137,23 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
     table = Table(title=f"kdtrain: {t['name']} -> {s['name']}, mode={summary['mode']}, T={summary['temperature']}")
     for col in ("model", "params", "best val acc", "last val acc", "vs teacher"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(f"teacher ({t['name']})", f"{t['params']:,}", pct(t["val_acc"]), pct(t["val_acc"]), "1.00x params")
+    table.add_row(
+        f"teacher ({t['name']})" + _collapsed(t),
+        f"{t['params']:,}",
+        pct(t["val_acc"]),
+        pct(t["val_acc"]),
+        "1.00x params",
+    )
     if b is not None:
         table.add_row(
-            "student alone (mode=none)",
+            "student alone (mode=none)" + _collapsed(b),
             f"{s['params']:,}",
             pct(b["best_val_acc"]),
             pct(b["last_val_acc"]),
             f"{s['params'] / t['params']:.3f}x params",
         )
     table.add_row(
-        f"student ({summary['mode']})",
+        f"student ({summary['mode']})" + _collapsed(s),
         f"{s['params']:,}",
         pct(s["best_val_acc"]),
         pct(s["last_val_acc"]),
@@ -153,9 +181,10 @@ def print_compression(report: dict[str, Any], console: Console | None = None) ->
 
 
 def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: Any, in_shape: Any, device: Any) -> None:
-    """After summary.json is written: add the compression report to it, print it, draw curves.png.
-
-    Neither can fail the finished run: a failure is logged as a warning.
+    """The end of a run: add the compression report to `summary` and print it, draw curves.png, then
+    write summary.json. It is written last, so its presence means that every output of the run is there
+    (a crash before it makes resume=auto redo the end); neither report can fail the finished run: a
+    failure is logged as a warning.
     """
     import logging
 
@@ -164,7 +193,6 @@ def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: An
         from kdtrain.compression import compression_report
 
         summary["compression"] = compression_report(teacher, student, in_shape, device)
-        write_summary(summary, Path(run_dir) / "summary.json")
         print_compression(summary["compression"])
     except Exception as e:
         log.warning("compression report failed (%s: %s); summary.json has no 'compression'", type(e).__name__, e)
@@ -174,3 +202,4 @@ def finish_run(summary: dict[str, Any], run_dir: Path, teacher: Any, student: An
         plot_run(Path(run_dir), summary)
     except Exception as e:
         log.warning("curves.png failed (%s: %s)", type(e).__name__, e)
+    write_summary(summary, Path(run_dir) / "summary.json")

@@ -13,19 +13,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdtrain import baseline as baseline_store
 from kdtrain import distributed
-from kdtrain.checkpoint import find_resume, load_training_checkpoint, run_dir_of, save_weights
-from kdtrain.config import Amp, Logger
+from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
+from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
+from kdtrain.config import Amp
 from kdtrain.data import Splits, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.models import build_model, count_params
-from kdtrain.report import MetricsWriter, TensorBoardWriter, print_table, write_summary
+from kdtrain.models.hub import set_offline
+from kdtrain.report import MetricsWriter, print_table
 from kdtrain.rundir import class_names
-from kdtrain.teacher import get_teacher
+from kdtrain.teacher import get_teacher, precision
 from kdtrain.teacher_cache import TeacherCache, obtain
 from kdtrain.terms import LEGACY_COLUMNS, LossTerms, Setup, TermSpec, resolve
+from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
 
@@ -91,12 +95,13 @@ def _extra_columns(cfg: DictConfig, terms: list[str]) -> list[str]:
 def _epoch_sink(
     cfg: DictConfig, folder: Path, label: str, terms: list[str], history: list[dict[str, Any]] | None = None
 ):
-    """The per-epoch callback (rank 0): metrics files, TensorBoard when logger=tensorboard, and the mean
+    """The per-epoch callback (rank 0): metrics files, the run's trackers (logger=...), and the mean
     validation accuracy on the classes hidden from the student."""
     excluded = list(cfg.dataset.exclude_classes)
     writes = [MetricsWriter(folder, _extra_columns(cfg, terms), history).write]
-    if cfg.logger == Logger.tensorboard:
-        writes.append(TensorBoardWriter(folder / "tensorboard").sink(label))
+    trackers = current()
+    if trackers is not None:
+        writes += trackers.sinks(folder, label)
 
     def on_epoch(row: dict[str, Any]) -> None:
         if excluded:
@@ -107,11 +112,23 @@ def _epoch_sink(
     return on_epoch
 
 
+def _train_data(cfg: DictConfig, splits: Splits):
+    """What the student trains on: the transfer set, or for mode=none (no teacher) its labelled samples,
+    exactly as the student-alone baseline does (see kdtrain/baseline.py)."""
+    return baseline_store.labelled_only(splits.train) if cfg.mode.value == "none" else splits.train
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Distill as `cfg` says, writing every output into `run_dir`; return the best validation accuracy.
 
     `cfg` has passed `config.validate` (the command line is checked before Hydra starts; call it yourself when
     composing a config in code); what needs the data (sizes, classes) is checked here."""
+    set_offline(cfg.offline)
+    with tracking(cfg, run_dir) as trackers:  # a failure marks the trackers' runs failed
+        return _run(cfg, run_dir, trackers)
+
+
+def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
     start = time.time()
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resume = _resume(cfg, run_dir, config)
@@ -173,11 +190,16 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     # A resumed run starts its metrics files from the rows of the epochs its checkpoint holds.
     main = distributed.is_main()  # only rank 0 writes files
-    history = resume.state["history"] if resume else None
-    on_epoch = _epoch_sink(cfg, run_dir, "student", names, history) if main else None
+    history = resume.state["history"] if resume else []
+    watch = CollapseWatch("student", splits.num_classes, "lr", float(cfg.lr), skip=_hint_epochs(specs))
+    for row in history:
+        watch(row)
+    if main:
+        trackers.start(config)
+    on_epoch = watch.then(_epoch_sink(cfg, run_dir, "student", names, history) if main else None)
     result = fit(
         student,
-        splits.train,
+        _train_data(cfg, splits),  # mode=none: the labelled samples only
         splits.val,
         _spec(cfg, "student", run_dir / "checkpoints", {"config": config}),
         device,
@@ -190,25 +212,23 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         resume=resume,
         teacher_cache=cache,
     )
-    if not main:
-        if cfg.baseline and cfg.mode.value != "none":
-            _baseline(
-                cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline"
-            )  # its collectives need every rank
-        return float(result["best_val_acc"])
-    meta = {
-        "model": OmegaConf.to_container(cfg.student, resolve=True),
-        "num_classes": splits.num_classes,
-        "in_shape": list(splits.in_shape),
-        "mean": splits.mean,
-        "std": splits.std,
-        "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
-    }
-    save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
-
+    if main:
+        meta = {
+            "model": OmegaConf.to_container(cfg.student, resolve=True),
+            "num_classes": splits.num_classes,
+            "in_shape": list(splits.in_shape),
+            "mean": splits.mean,
+            "std": splits.std,
+            "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
+        }
+        save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
     baseline = None
     if cfg.baseline and cfg.mode.value != "none":
-        baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
+        with distributed.rank0_first():  # rank 0 alone gets (trains, or loads) the baseline; the others wait
+            if main:
+                baseline = _baseline(cfg, splits, device, amp_dtype, teacher_pred, run_dir / "baseline")
+    if not main:
+        return float(result["best_val_acc"])
 
     last = result["history"][-1]
     weight = {**dict.fromkeys(LEGACY_COLUMNS, 0.0), **{s.name: s.weight for s in specs}}
@@ -219,7 +239,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "loss": {s.name: s.weight for s in specs},  # every term in force and its weight
         "seed": int(cfg.seed),
         "device": str(device),
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "amp": precision(amp_dtype),
         "teacher": teacher_info,
         "student": {
             "name": str(cfg.student.name),
@@ -229,6 +249,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "last_val_acc": result["last_val_acc"],
             "agreement": last["agreement"],
             "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result["history"]),
+            "labelled": int((splits.train.y >= 0).sum()),
+            "collapsed": watch.epoch is not None,
         },
         "baseline": baseline,
         "gain_vs_baseline": None if baseline is None else result["best_val_acc"] - baseline["best_val_acc"],
@@ -248,11 +270,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     }
     if cfg.dataset.exclude_classes:
         summary["student"]["last_val_acc_excluded"] = last.get("val_acc_excluded")
-    write_summary(summary, run_dir / "summary.json")
     print_table(summary)
-    from kdtrain.report import finish_run  # compression report into summary.json, curves.png
+    from kdtrain.report import finish_run  # compression report, curves.png, then summary.json
 
     finish_run(summary, run_dir, teacher, student, splits.in_shape, device)
+    trackers.finish(summary, run_dir)
     return float(result["best_val_acc"])
 
 
@@ -296,12 +318,7 @@ def _resume(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Resume | 
 
     A run dir that holds a run is written into only by a resume of its own checkpoint."""
     path = find_resume(cfg.resume, run_dir)
-    holds_run = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
-    if holds_run and (path is None or run_dir_of(path) != run_dir.resolve()):
-        raise UserError(
-            f"{run_dir} already holds a run; choose another hydra.run.dir so nothing is overwritten, "
-            f"or continue that run with resume={run_dir}"
-        )
+    refuse_another_run(run_dir, path)
     if path is None:
         if cfg.resume == "auto":
             log.info("resume=auto: no checkpoint in %s, starting a new run", run_dir / "checkpoints")
@@ -351,6 +368,11 @@ def _check_layers(cfg: DictConfig, specs: list[TermSpec], splits: Splits) -> Non
             Capture(model, paths[i], role, key).remove()
 
 
+def _hint_epochs(specs: list[TermSpec]) -> int:
+    """Epochs before every term is on (FitNets' hint stage): the collapse watch skips them."""
+    return max([s.start_epoch - 1 for s in specs if s.weight > 0] or [0])
+
+
 def _baseline(
     cfg: DictConfig,
     splits: Splits,
@@ -359,23 +381,35 @@ def _baseline(
     teacher_pred: torch.Tensor,
     folder: Path,
 ) -> dict[str, Any]:
-    """The student alone (mode=none: CE only, weight 1) with the same data, recipe and seed."""
-    log.info("baseline: training the student alone (mode=none) for comparison; baseline=false skips this")
-    seed_everything(int(cfg.seed))
-    student = _student(cfg, splits, device)
-    on_epoch = _epoch_sink(cfg, folder, "baseline", ["ce"]) if distributed.is_main() else None
-    result = fit(
-        student,
-        splits.train,
-        splits.val,
-        _spec(cfg, "baseline", None, {}),
-        device,
-        amp_dtype,
-        teacher_val_pred=teacher_pred,
-        on_epoch=on_epoch,
-        augment=splits.augment,
-    )
-    out = {"best_val_acc": result["best_val_acc"], "last_val_acc": result["last_val_acc"]}
+    """The student alone (CE only, weight 1, on the labelled samples; see kdtrain/baseline.py) with the
+    same recipe and seed, from the baseline store (trained there first when needed); its metrics go
+    into `folder`."""
+    spec = _spec(cfg, "baseline", None, {})
+    spec.batch_size *= distributed.world_size()  # trained by rank 0 alone: the student's global batch
+
+    def build() -> torch.nn.Module:
+        seed_everything(int(cfg.seed))
+        return _student(cfg, splits, device)
+
+    model, result, source = baseline_store.obtain(cfg, splits, device, amp_dtype, build, spec)
+    on_epoch = _epoch_sink(cfg, folder, "baseline", ["ce"])
+    for row in result["history"]:
+        on_epoch(row)
+    collapsed = collapse_epoch(result["history"], splits.num_classes)
+    if collapsed is not None:
+        warn("baseline (the student alone)", collapsed, splits.num_classes, "lr", float(cfg.lr))
+    out = {
+        "best_val_acc": result["best_val_acc"],
+        "best_epoch": result["best_epoch"],
+        "last_val_acc": result["last_val_acc"],
+        "agreement": baseline_store.agreement(model, splits.val, device, amp_dtype, teacher_pred),
+        "labelled": result["labelled"],
+        "collapsed": collapsed is not None,
+        "source": str(source),
+        "reused": result["reused"],
+    }
     if cfg.dataset.exclude_classes:
-        out["last_val_acc_excluded"] = result["history"][-1].get("val_acc_excluded")
+        out["last_val_acc_excluded"] = float(
+            np.mean([result["history"][-1]["per_class"][c] for c in cfg.dataset.exclude_classes])
+        )
     return out

@@ -2,13 +2,15 @@
 
 Everything is rebuilt from what the run wrote: the resolved config (`.hydra/config.yaml`), the
 student's weights with their metadata (`student.safetensors`), the checkpoints and `summary.json`.
-Weights load through `kdtrain.checkpoint` (safetensors, or `torch.load(weights_only=True)`), so no
-file can run code.
+Weights load through `kdtrain.checkpoint` (safetensors, or `torch.load(weights_only=True)`), and a
+model spec read from these files may name registered models only (a `custom` `_target_` is refused
+unless the user passes --trust-model-code), so no file can run code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,16 @@ class Student:
 
 def note(tool: str, message: str) -> None:
     print(f"{tool}: note: {message}", file=sys.stderr)
+
+
+def add_trust_flag(parser: Any) -> None:
+    """--trust-model-code: allow a custom model (`_target_`, code that is imported and called) named in a file."""
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="allow a custom model (_target_) named in the run's config or the weights' metadata: that imports "
+        "and calls code the file names, so only for files you trust (default: refused)",
+    )
 
 
 def open_run(path: str | Path) -> Run:
@@ -183,21 +195,64 @@ def read_meta(path: Path) -> dict[str, Any]:
             meta[key] = json.loads(value)
         except json.JSONDecodeError:
             meta[key] = value
+        except RecursionError:  # JSON nested thousands deep: not written by kdtrain
+            raise UserError(
+                f"{path} has metadata {key!r} nested too deeply to read; it was not written by kdtrain: give the "
+                "student.safetensors a kdtrain run wrote"
+            ) from None
     return meta
 
 
+def checked_shapes(meta: dict[str, Any], where: Path) -> tuple[int, tuple[int, int, int], list[float], list[float]]:
+    """(num_classes, in_shape, mean, std) from kdtrain metadata, checked: one UserError for a bad value."""
+    try:
+        num_classes = int(meta["num_classes"])
+        in_shape = tuple(int(v) for v in meta["in_shape"])
+        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{where} has unusable kdtrain metadata ({e}); use the file kdtrain wrote") from None
+    problem = (
+        "num_classes must be >= 1"
+        if num_classes < 1
+        else "in_shape must be 3 sizes >= 1 (channels, height, width)"
+        if len(in_shape) != 3 or min(in_shape) < 1
+        else f"mean and std must hold one value per channel ({in_shape[0]})"
+        if len(mean) != in_shape[0] or len(std) != in_shape[0]
+        else "mean and std must be finite and std > 0"
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0
+        else None
+    )
+    if problem:
+        raise UserError(
+            f"{where} has unusable kdtrain metadata ({problem}: num_classes={meta['num_classes']}, "
+            f"in_shape={meta['in_shape']}, mean={meta['mean']}, std={meta['std']}); use the file kdtrain wrote"
+        )
+    return num_classes, in_shape, mean, std  # type: ignore[return-value]
+
+
 def _build(
-    model_cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str, weights: Path, what: str
+    model_cfg: dict[str, Any],
+    num_classes: int,
+    in_shape: tuple[int, int, int],
+    role: str,
+    weights: Path,
+    what: str,
+    source: Path,
+    trust: bool,
 ) -> nn.Module:
+    """The model `model_cfg` (read from the file `source`) names, with `weights`; a custom model only if `trust`."""
     from kdtrain.models import build_model
 
-    model = build_model(model_cfg, num_classes, in_shape, role)
+    if model_cfg.get("name") in ("torchvision", "timm"):  # the trained weights replace pretrained ones: skip them
+        model_cfg = {**model_cfg, "pretrained": None}
+    model = build_model(model_cfg, num_classes, in_shape, role, None if trust else str(source))
     load_into(model, load_state_dict_file(weights, what), what, weights)
     return model.eval().requires_grad_(False)
 
 
-def load_student_file(path: Path) -> Student:
-    """A student from a .safetensors file that carries kdtrain's metadata (model config, shapes, normalisation)."""
+def load_student_file(path: Path, trust: bool = False) -> Student:
+    """A student from a .safetensors file that carries kdtrain's metadata (model config, shapes, normalisation);
+    `trust`: the metadata may name a custom model (code to run)."""
     meta = read_meta(path)
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
@@ -205,17 +260,12 @@ def load_student_file(path: Path) -> Student:
             f"{path} has no kdtrain metadata ({', '.join(missing)} missing); give the student.safetensors "
             "a kdtrain run wrote, or its run dir"
         )
-    in_shape = tuple(int(v) for v in meta["in_shape"])
-    model = _build(meta["model"], int(meta["num_classes"]), in_shape, "student", path, "student weights")
+    num_classes, in_shape, mean, std = checked_shapes(meta, path)
+    if not isinstance(meta["model"], dict):
+        raise UserError(f"{path} has unusable kdtrain metadata (model is not a config); use the file kdtrain wrote")
+    model = _build(meta["model"], num_classes, in_shape, "student", path, "student weights", path, trust)
     return Student(
-        model,
-        path,
-        str(meta["model"].get("name")),
-        int(meta["num_classes"]),
-        in_shape,
-        [float(v) for v in meta["mean"]],
-        [float(v) for v in meta["std"]],
-        meta.get("class_names"),
+        model, path, str(meta["model"].get("name")), num_classes, in_shape, mean, std, meta.get("class_names")
     )
 
 
@@ -251,19 +301,23 @@ def student_weights(run: Run, checkpoint: str | None) -> Path:
 
 
 def load_student(
-    run: Run, checkpoint: str | None = None, splits: Any = None, dataset: DictConfig | None = None
+    run: Run,
+    checkpoint: str | None = None,
+    splits: Any = None,
+    dataset: DictConfig | None = None,
+    trust: bool = False,
 ) -> Student:
     """The run's student with `checkpoint`'s weights.
 
     Shapes and normalisation come from student.safetensors' metadata (what the student was trained
-    with), else from `splits` (the rebuilt dataset, from the `dataset` config).
+    with), else from `splits` (the rebuilt dataset, from the `dataset` config). `trust`: the run's
+    config may name a custom model (code to run).
     """
     weights = student_weights(run, checkpoint)
     final = run.path / STUDENT_FILE
     meta = read_meta(final) if final.is_file() else {}
     if all(k in meta for k in META_KEYS):
-        num_classes, in_shape = int(meta["num_classes"]), tuple(int(v) for v in meta["in_shape"])
-        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+        num_classes, in_shape, mean, std = checked_shapes(meta, final)
     elif splits is not None:
         num_classes, in_shape, mean, std = (
             splits.num_classes,
@@ -276,7 +330,7 @@ def load_student(
             f"{run.path} has no {STUDENT_FILE} with kdtrain metadata; without it the input shape is unknown"
         )
     model_cfg = OmegaConf.to_container(run.cfg.student, resolve=True)
-    model = _build(model_cfg, num_classes, in_shape, "student", weights, "student weights")
+    model = _build(model_cfg, num_classes, in_shape, "student", weights, "student weights", _config_file(run), trust)
     names = class_names(dataset if dataset is not None else run.cfg.dataset, splits)
     return Student(model, weights, str(model_cfg.get("name")), num_classes, in_shape, mean, std, names)
 
@@ -293,8 +347,11 @@ def teacher_weights(run: Run) -> Path | None:
     else:
         from kdtrain.teacher import teacher_key
 
+        # The key covers the precision the teacher trained in: summary.json's, else each one amp allows.
+        amp = (run.summary or {}).get("amp")
         try:
-            candidates.append(Path(str(run.cfg.teacher_store)).expanduser() / teacher_key(run.cfg))
+            store = Path(str(run.cfg.teacher_store)).expanduser()
+            candidates += [store / teacher_key(run.cfg, a) for a in ([amp] if amp else ["off", "bfloat16", "float16"])]
         except (OmegaConfBaseException, KeyError, AttributeError):  # a config from another kdtrain version
             pass  # summary.json's source (above) is then the only lead
     for candidate in candidates:
@@ -313,13 +370,20 @@ def teacher_weights(run: Run) -> Path | None:
     return None
 
 
-def load_teacher(run: Run, num_classes: int, in_shape: tuple[int, int, int]) -> tuple[nn.Module, Path] | None:
-    """The teacher the run distilled from (eval mode, CPU), or None when its weights are gone."""
+def load_teacher(
+    run: Run, num_classes: int, in_shape: tuple[int, int, int], trust: bool = False
+) -> tuple[nn.Module, Path] | None:
+    """The teacher the run distilled from (eval mode, CPU), or None when its weights are gone;
+    `trust`: the run's config may name a custom model (code to run)."""
     path = teacher_weights(run)
     if path is None:
         return None
     model_cfg = OmegaConf.to_container(run.cfg.teacher, resolve=True)
-    return _build(model_cfg, num_classes, in_shape, "teacher", path, "teacher weights"), path
+    return _build(model_cfg, num_classes, in_shape, "teacher", path, "teacher weights", _config_file(run), trust), path
+
+
+def _config_file(run: Run) -> Path:
+    return run.path / ".hydra" / "config.yaml"
 
 
 def resolve_device(name: str) -> torch.device:

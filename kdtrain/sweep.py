@@ -50,7 +50,10 @@ CSV_COLUMNS = [
     "latency_ratio_batch_1",
     "latency_ratio_batch_64",
     "seeds",
+    "collapsed",
 ]
+
+ROLES = ("student", "baseline", "teacher")  # the models of a job whose collapse a row reports
 
 
 # ---------------------------------------------------------------- reading the jobs
@@ -166,6 +169,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "latency_ratio_batch_1": _mean([x.get("latency_batch_1") for x in ratios]),
                 "latency_ratio_batch_64": _mean([x.get("latency_batch_64") for x in ratios]),
                 "seeds": sorted({s.get("seed") for s in ok if s.get("seed") is not None}),
+                # Jobs whose model collapsed (training accuracy at chance; see kdtrain/collapse.py), per role.
+                "collapsed": {
+                    role: n for role in ROLES if (n := sum(bool((s.get(role) or {}).get("collapsed")) for s in ok))
+                },
                 "runs": [r["dir"] for r in group["ok"]],
             }
         )
@@ -215,6 +222,8 @@ def write_files(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
                 cells = [r["config"]] + [r["params"].get(k, "") for k in keys]
                 for c in CSV_COLUMNS[1:]:
                     v = r[c]
+                    if isinstance(v, dict):  # collapsed: "student=2 baseline=1"
+                        v = " ".join(f"{k}={n}" for k, n in v.items())
                     cells.append(" ".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v))
                 w.writerow(cells)
 
@@ -230,6 +239,7 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
     """The sweep table: teacher(s) first, then one row per configuration, best mean first."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -266,6 +276,9 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
     for r in rows:
         n = f"{r['n']}" + (f"+{r['failed']} failed" if r["failed"] else "")
         label = r["label"] + (" (alone)" if r["mode"] == "none" else "")
+        if r["collapsed"]:  # flagged: these numbers come from a model that did not learn
+            roles = ", ".join(f"{role} {k}/{r['n']}" for role, k in r["collapsed"].items())
+            label += escape(f" [collapsed: {roles}]")  # brackets are rich markup otherwise
         gain = ["-" if r["gain_mean"] is None else f"{100 * r['gain_mean']:+.2f}"] if with_alone else []
         table.add_row(
             label,
@@ -277,7 +290,7 @@ def print_sweep(result: dict[str, Any], title: str, console: Any = None) -> None
             _x(r["latency_ratio_batch_1"]),
             *gain,
             "-" if r["seconds_mean"] is None else f"{r['seconds_mean']:.1f}",
-            style="red" if r["n"] == 0 else None,
+            style="red" if r["n"] == 0 or r["collapsed"] else None,
         )
     console.print(table)
     for f in result["failed"]:

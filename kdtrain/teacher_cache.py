@@ -30,6 +30,7 @@ always safe, and a run should not fail for a stale or torn cache file).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,10 +44,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kdtrain.checkpoint import file_lock, save_weights
+from kdtrain.checkpoint import save_weights
 from kdtrain.data import TensorSet
-from kdtrain.errors import UserError
+from kdtrain.errors import UserError, WriteError, write_error
 from kdtrain.features import Capture
+from kdtrain.locks import file_lock
 
 log = logging.getLogger("kdtrain")
 
@@ -332,10 +334,9 @@ class TeacherCache:
                 raw = (f.metadata() or {}).get(META)
             tensors = load_file(str(path))
             meta = json.loads(raw) if raw is not None else None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(
-                f"{what} is unreadable ({str(e).splitlines()[0][:120]}): it is truncated or corrupt"
-            ) from None
+        except (SafetensorError, OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+            first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise UserError(f"{what} is unreadable ({first}): it is truncated or corrupt") from None
         if not isinstance(meta, dict) or not {"key", "identity", "num_classes", "views", "features", "digest"} <= set(
             meta
         ):
@@ -460,7 +461,17 @@ def obtain(
         cache = build()
     else:
         path = cache_file(cache_dir, key)
-        with file_lock(path.with_name(f".{path.name}.lock")):
+        lock = path.with_name(f".{path.name}.lock")
+        with contextlib.ExitStack() as held:
+            writable = True
+            try:
+                held.enter_context(file_lock(lock, f"the teacher cache {path.name}"))
+            except OSError as e:
+                error = write_error(e, lock)
+                if error is None:
+                    raise
+                writable = False  # derived data: the run goes on with the cache in memory
+                log.warning("teacher cache: %s; the cache is not written this time", error)
             cache = None
             if path.is_file():
                 try:
@@ -470,6 +481,10 @@ def obtain(
                     log.warning("%s; rebuilding it", e)
             if cache is None:
                 cache = build()
-                cache.save(path)
-                log.info("teacher cache: wrote %s", path)
+                try:
+                    if writable:
+                        cache.save(path)
+                        log.info("teacher cache: wrote %s", path)
+                except WriteError as e:
+                    log.warning("teacher cache: not written (%s); this run goes on with it in memory", e)
     return cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,29 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     return subprocess.run(
         [sys.executable, "-m", "kdtrain", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    """Any attempt to resolve or connect to a host (but local sockets) fails, and is recorded in the list
+    returned, so a test can assert that none was made (a library may swallow the error)."""
+    attempts: list[str] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in (None, "localhost", "127.0.0.1", "::1"):
+            return real_getaddrinfo(host, *args, **kwargs)
+        attempts.append(f"resolve {host}")
+        raise OSError(f"no network in tests (resolving {host})")
+
+    def connect(self, address):
+        if self.family == socket.AF_UNIX or (
+            isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1", "localhost")
+        ):
+            return real_connect(self, address)
+        attempts.append(f"connect {address}")
+        raise OSError(f"no network in tests (connecting to {address})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts

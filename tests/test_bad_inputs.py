@@ -84,9 +84,19 @@ def world(tmp_path_factory, store) -> dict[str, Path]:
     (inputs / "empty_images" / "train").mkdir(parents=True)
     (inputs / "empty_images" / "val").mkdir(parents=True)
     for split in ("train", "val"):
-        (inputs / "bad_images" / split / "a").mkdir(parents=True)
-        Image.new("L", (8, 8)).save(inputs / "bad_images" / split / "a" / "ok.png")
+        for c in ("a", "b"):
+            (inputs / "bad_images" / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8)).save(inputs / "bad_images" / split / c / "ok.png")
+        (inputs / "one_class" / split / "a").mkdir(parents=True)
+        Image.new("L", (8, 8)).save(inputs / "one_class" / split / "a" / "ok.png")
     (inputs / "bad_images" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (inputs / "user_dir").mkdir()  # a folder of the user's, not a kdtrain run, with a file named like ours
+    (inputs / "user_dir" / "metrics.csv").write_text("epoch,my_metric\n1,0.5\n")
+    # Checkpoints that fit the config (student=cnn) but hold damaged progress: RNG states, metrics history.
+    good_state = {**state, "rng": {"torch": torch.get_rng_state(), "batches": torch.get_rng_state(), "python": []}}
+    good_state["history"] = [{"epoch": 1, "val_acc": 0.5}]
+    torch.save({**good_state, "rng": {"torch": torch.zeros(7, dtype=torch.uint8)}}, inputs / "bad_rng.pt")
+    torch.save({**good_state, "history": "abc"}, inputs / "bad_history.pt")
     return {"base": base, "fake_store": fake_store, "other": other, "inputs": inputs, "store": store}
 
 
@@ -141,6 +151,40 @@ CASES = [
     ("teacher-code-pickle", ["teacher.checkpoint={inputs}/evil.pt"], "is not a PyTorch checkpoint", "run"),
     ("teacher-code-torch-save", ["teacher.checkpoint={inputs}/evil_zip.pt"], "names Python code (posix.system)", "run"),
     ("diverging-lr", ["lr=1e6", "teacher_store={store}"], "non-finite", "run"),
+    # Issue #13: values that got a traceback or a wrong message.
+    ("seed-beyond-64-bits", ["seed=99999999999999999999999"], "seed=99999999999999999999999 is out of range", "pre"),
+    (
+        "teacher-seed-beyond-64-bits",
+        ["teacher_train.seed=1180591620717411303424"],
+        "teacher_train.seed=1180591620717411303424 is out",
+        "pre",
+    ),
+    ("split-seed-negative", ["dataset.split_seed=-1"], "dataset.split_seed=-1 is out of range", "pre"),
+    (
+        "feature-pair-weight-not-a-number",
+        ["mode=feature", "feature.pairs=[{{student: fc, teacher: fc, weight: abc}}]"],
+        "feature.pairs[0].weight=abc is not accepted",
+        "pre",
+    ),
+    ("run-dir-unicode-unquoted", ["hydra.run.dir={base}/r\u00fcn"], "cannot parse", "pre"),
+    ("run-dir-newline", ["hydra.run.dir='{base}/a\nb'"], "holds a control character", "pre"),
+    ("run-dir-comma-unquoted", ["hydra.run.dir={base}/a,b"], "lists several values", "pre"),
+    ("temperature-inf", ["temperature=inf"], "temperature=inf is not accepted: it must be a finite number", "pre"),
+    ("lr-inf", ["lr=inf"], "lr=inf is not accepted", "pre"),
+    ("model-option-inf", ["student.dropout=inf"], "student.dropout=inf is not accepted", "pre"),
+    ("betas-nan", ["optimizer.betas=[nan,0.9]"], "optimizer.betas[0]=nan is not accepted", "pre"),
+    ("temperature-kd-underflows", ["temperature=1e-30"], "the KD term's gradient vanishes", "pre"),
+    ("exclude-class-twice", ["dataset.exclude_classes=[3,3,3,3,3,3,3,3,3,3]"], "lists class 3 more than once", "pre"),
+    ("resume-bad-rng", ["student=cnn", "resume={inputs}/bad_rng.pt"], "random-number-generator states", "pre"),
+    ("resume-bad-history", ["student=cnn", "resume={inputs}/bad_history.pt"], "does not match its str", "pre"),
+    ("run-dir-of-the-user", ["hydra.run.dir={inputs}/user_dir"], "holds metrics.csv but is not a kdtrain run", "pre"),
+    ("one-class-image-folder", ["dataset=imagefolder", "dataset.root={inputs}/one_class"], "has one class", "run"),
+    (
+        "every-step-skipped",
+        ["student=custom", "student._target_=tests.models.NaNLogits", "nan_policy=skip", "teacher_store={store}"],
+        "every step of epoch 1 had a non-finite loss",
+        "run",
+    ),
 ]
 SKIP = {"cuda-without-cuda": (torch.cuda.is_available(), "this machine has CUDA")}
 

@@ -22,7 +22,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
         atomic_write(path, crash)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    assert load_checkpoint(path, "resume") == {"epoch": 1}
+    assert load_checkpoint(path, "resume")["epoch"] == 1
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     common = [
         "epochs=2",
         "teacher_train.epochs=1",
-        "baseline=false",
         "progress=off",
         "mode=combined",
         f"teacher_store={store}",
@@ -60,6 +59,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single = run_cli(*common, "batch_size=64", f"hydra.run.dir={single_dir}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "teacher: reusing" in (single_dir / "kdtrain.log").read_text()
+    # Rank 0 trained the student alone on the global batch (2 x 32) while rank 1 waited: the very baseline
+    # one process with batch_size=64 needs, so that run reuses it.
+    assert "baseline: reusing" in (single_dir / "kdtrain.log").read_text()
+    ddp_base, single_base = (json.loads((d / "summary.json").read_text())["baseline"] for d in (ddp_dir, single_dir))
+    assert not ddp_base["reused"] and ddp_base["source"] == single_base["source"]
+    assert ddp_base["best_val_acc"] == single_base["best_val_acc"]
 
     a, b = _rows(ddp_dir), _rows(single_dir)
     assert len(a) == len(b) == 2

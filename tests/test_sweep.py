@@ -22,14 +22,14 @@ SWEEP = [
     "seed=0,1",
     "epochs=1",
     "teacher_train.epochs=1",
-    "baseline=false",
     "progress=off",
 ]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """8 tiny jobs (2 modes x 2 temperatures x 2 seeds) with a fresh teacher store."""
+    """8 tiny jobs (2 modes x 2 temperatures x 2 seeds) with a fresh teacher store; the soft jobs also
+    report against the student alone (2 distinct baselines, one per seed)."""
     tmp = tmp_path_factory.mktemp("sweep")
     sweep_dir, store = tmp / "sweep", tmp / "store"
     result = run_cli(*SWEEP, f"hydra.sweep.dir={sweep_dir}", f"teacher_store={store}", cwd=tmp)
@@ -80,13 +80,32 @@ def test_summary_matches_a_hand_computation_from_the_runs(sweep):
 
 def test_a_sweep_trains_its_teacher_once(sweep):
     sweep_dir, store, _ = sweep
-    teachers = [d for d in store.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    teachers = [d for d in store.iterdir() if d.is_dir() and d.name[0] != "." and d.name not in ("baselines", "cache")]
     assert len(teachers) == 1 and (teachers[0] / "teacher.safetensors").is_file()
     logs = [(job / "kdtrain.log").read_text() for job in _jobs(sweep_dir)]
-    assert sum("training it once" in text for text in logs) == 1
+    assert sum("teacher: none stored" in text for text in logs) == 1
     assert sum("teacher: reusing" in text for text in logs) == 7
     sources = {json.loads((job / "summary.json").read_text())["teacher"]["source"] for job in _jobs(sweep_dir)}
     assert sources == {str(teachers[0])}
+
+
+def test_a_sweep_trains_each_distinct_baseline_once(sweep):
+    sweep_dir, store, _ = sweep
+    stored = sorted(d for d in (store / "baselines").iterdir() if d.is_dir() and not d.name.startswith("."))
+    assert len(stored) == 2  # one per seed; the temperature does not change the student alone
+    jobs = {job: json.loads((job / "summary.json").read_text()) for job in _jobs(sweep_dir)}
+    soft = {job: s for job, s in jobs.items() if s["mode"] == "soft"}
+    logs = [(job / "kdtrain.log").read_text() for job in soft]
+    assert sum("baseline: none stored" in text for text in logs) == 2
+    assert sum("baseline: reusing" in text for text in logs) == 2
+    for seed in (0, 1):
+        entries = [s["baseline"] for s in soft.values() if s["seed"] == seed]
+        assert len(entries) == 2 and sum(e["reused"] for e in entries) == 1
+        keys = ("best_val_acc", "last_val_acc", "agreement", "source")
+        assert {k: entries[0][k] for k in keys} == {k: entries[1][k] for k in keys}  # reuse: identical numbers
+        # mode=none trains the student alone exactly as the baseline does.
+        alone = [s for s in jobs.values() if s["mode"] == "none" and s["seed"] == seed]
+        assert all(s["baseline"] is None and s["student"]["best_val_acc"] == entries[0]["best_val_acc"] for s in alone)
 
 
 def test_compression_report_and_curves_in_every_run(sweep):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from kdtrain.config import validate
@@ -19,7 +20,7 @@ from kdtrain.features import Capture
 from kdtrain.losses import kd_loss
 from kdtrain.models import build_model
 from kdtrain.run import run
-from kdtrain.teacher_cache import TeacherCache, cache_file, cache_identity, cache_key, obtain
+from kdtrain.teacher_cache import META, TeacherCache, cache_file, cache_identity, cache_key, obtain
 
 CPU = torch.device("cpu")
 PATHS = ["features.1", "auto"]  # a feature map (conv block) and the penultimate vector
@@ -133,6 +134,8 @@ def test_corrupt_cache_is_rejected_and_obtain_rebuilds_it(tmp_path: Path, caplog
         "truncated": good[: len(good) // 2],
         "not safetensors": b"garbage" * 10,
         "a flipped byte": good[:-9] + bytes([good[-9] ^ 0xFF]) + good[-8:],  # in the tensor data: the checksum sees it
+        # JSON nested too deeply for the parser (RecursionError): unreadable, not a crash
+        "deeply nested metadata": safetensors_bytes({"logits": torch.zeros(1)}, {META: "[" * 100_000 + "]" * 100_000}),
     }
     for why, content in damaged.items():
         path.write_bytes(content)

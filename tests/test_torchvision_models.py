@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import hydra
 import pytest
@@ -62,18 +61,6 @@ def test_pretrained_file_loads_backbone_and_reinits_classifier(tmp_path: Path) -
     # Same number of classes: the head loads too.
     model = tv("mobilenet_v3_small", 1000, (3, 32, 32), pretrained=str(tmp_path / "imagenet.pth"))
     assert torch.equal(model.net.state_dict()["classifier.3.weight"], state["classifier.3.weight"])
-
-
-def test_pretrained_default_from_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    url = models.get_model_weights("mobilenet_v3_small").DEFAULT.url
-    cached = tmp_path / "hub" / "checkpoints" / Path(urlparse(url).path).name
-    with pytest.raises(UserError, match=rf"pretrained=DEFAULT needs {cached} .* never downloads"):
-        tv("mobilenet_v3_small", pretrained="DEFAULT")
-    cached.parent.mkdir(parents=True)
-    state = _save_imagenet_weights(cached)
-    model = tv("mobilenet_v3_small", pretrained="DEFAULT")
-    assert torch.equal(model.net.state_dict()["features.0.0.weight"], state["features.0.0.weight"])
 
 
 def test_pretrained_errors(tmp_path: Path) -> None:

@@ -258,3 +258,92 @@ def test_corrupt_safetensors_exits_2_with_one_line(run_dir: Path, images, tmp_pa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdtrain-predict: error: ") and "corrupt" in lines[0]
     assert not (tmp_path / "p.csv").exists()
+
+
+# --- files are data: a model spec read from a file never runs code -----------------------------------
+
+
+def _evil(sentinel: Path) -> dict:
+    """The exploit of issue 13: a "model" whose constructor is os.system."""
+    return {"name": "custom", "_target_": "os.system", "command": f"touch {sentinel}"}
+
+
+def _with_model(src: Path, dst: Path, model: dict) -> Path:
+    """A copy of the student.safetensors `src` whose metadata names `model`."""
+    from safetensors.torch import load_file
+
+    from kdtrain.checkpoint import save_weights
+    from kdtrain.rundir import read_meta
+
+    save_weights(load_file(str(src)), dst, {**read_meta(src), "model": model})
+    return dst
+
+
+def _run_with_student(run_dir: Path, dst: Path, student: dict) -> Path:
+    """A copy of the run dir whose .hydra/config.yaml names `student`."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("export", "eval*"))
+    cfg = OmegaConf.load(dst / ".hydra" / "config.yaml")
+    cfg.student = student
+    OmegaConf.save(cfg, dst / ".hydra" / "config.yaml")
+    return dst
+
+
+@pytest.mark.parametrize("tool", ["predict-safetensors", "predict-run", "eval", "export"])
+def test_a_custom_target_in_a_file_is_refused_before_anything_runs(run_dir, images, tmp_path, capsys, tool):
+    from kdtrain import evaluate, export, predict
+
+    sentinel = tmp_path / "PWNED"
+    folder, _ = images
+    if tool == "predict-safetensors":
+        evil = _with_model(run_dir / "student.safetensors", tmp_path / "evil.safetensors", _evil(sentinel))
+        main, argv, source = predict.main, [str(evil), str(folder), "--out", str(tmp_path / "p.csv")], evil
+    else:
+        evil = _run_with_student(run_dir, tmp_path / "evil_run", _evil(sentinel))
+        source = evil / ".hydra" / "config.yaml"
+        main, argv = {
+            "predict-run": (predict.main, [str(evil), str(folder), "--out", str(tmp_path / "p.csv")]),
+            "eval": (evaluate.main, [str(evil), "--device", "cpu"]),
+            "export": (export.main, [str(evil), "--out", str(tmp_path / "export")]),
+        }[tool]
+    code, err = _exit_code_and_stderr(capsys, main, argv)
+    assert not sentinel.exists()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdtrain-"), lines
+    assert f": error: {source} names a custom student model" in lines[0]
+    assert "'os.system'" in lines[0] and "--trust-model-code" in lines[0]
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "export").exists()
+
+
+def test_the_exploit_through_the_cli_creates_no_file(run_dir, images, tmp_path):
+    sentinel = tmp_path / "PWNED"
+    evil = _with_model(run_dir / "student.safetensors", tmp_path / "evil.safetensors", _evil(sentinel))
+    done = subprocess.run(
+        [sys.executable, "-m", "kdtrain.predict", str(evil), str(images[0]), "--out", str(tmp_path / "p.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert not sentinel.exists()
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_trust_model_code_builds_a_custom_model_named_in_a_file(run_dir, images, tmp_path, capsys):
+    from kdtrain.predict import main
+    from kdtrain.rundir import read_meta
+
+    meta = read_meta(run_dir / "student.safetensors")
+    # The registered `mlp` builds kdtrain.models.small.MLP: the same model, named as a custom one.
+    custom = {**meta["model"], "name": "custom", "_target_": "kdtrain.models.small.MLP", "in_features": 64}
+    weights = _with_model(run_dir / "student.safetensors", tmp_path / "custom.safetensors", custom)
+    folder, _ = images
+    code, err = _exit_code_and_stderr(capsys, main, [str(weights), str(folder), "--out", str(tmp_path / "a.csv")])
+    assert code == 2 and "--trust-model-code" in err
+    main([str(weights), str(folder), "--out", str(tmp_path / "a.csv"), "--trust-model-code"])
+    main([str(run_dir / "student.safetensors"), str(folder), "--out", str(tmp_path / "b.csv")])
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()

@@ -54,6 +54,11 @@ def _classes(train_dir: Path) -> list[str]:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{train_dir} has no class subfolders; put each class's images in train/<class>/")
+    if len(classes) < 2:  # one class: every prediction is right, nothing is learned
+        raise UserError(
+            f"{train_dir} has one class subfolder ({classes[0]}); classification needs at least 2: put each "
+            "class's images in train/<class>/"
+        )
     return classes
 
 

@@ -3,6 +3,10 @@
 A model config is a mapping with `name` (a registered builder, or `custom` with `_target_`)
 plus constructor keyword arguments. Keys that describe where weights come from
 (`checkpoint`, `weights`) are not passed to the constructor.
+
+A `custom` model imports and calls the `_target_` it names, so it runs code: allowed when the spec
+comes from the user's own command line (as in Hydra), refused when it was read from a file (a
+run's config, a .safetensors file's metadata) unless the user trusts that file explicitly.
 """
 
 from __future__ import annotations
@@ -89,14 +93,27 @@ def _construct(
     return model
 
 
-def resolve_builder(cfg: dict[str, Any], role: str) -> tuple[Callable[..., nn.Module], dict[str, Any], str, bool]:
-    """(builder, constructor kwargs, label, is_builtin) for a model config; checks options without building."""
+def resolve_builder(
+    cfg: dict[str, Any], role: str, from_file: str | None = None
+) -> tuple[Callable[..., nn.Module], dict[str, Any], str, bool]:
+    """(builder, constructor kwargs, label, is_builtin) for a model config; checks options without building.
+
+    `from_file`: the file the config was read from, when it was (then a custom `_target_` is refused
+    before anything is imported: a file is data, it never names code to run)."""
+    if not isinstance(cfg, dict):
+        where = f" in {from_file}" if from_file else ""
+        raise UserError(f"the {role} model spec{where} is a {type(cfg).__name__}, not a mapping with a name")
     name = cfg.get("name")
     kwargs = {k: v for k, v in cfg.items() if k not in NON_MODEL_KEYS}
     if name == "custom":
         target = cfg.get("_target_")
         if not target or target == "???":
             raise UserError(f"{role}=custom needs {role}._target_=my_pkg.module.ModelClass")
+        if from_file is not None:
+            raise UserError(
+                f"{from_file} names a custom {role} model ({role}._target_={target!r}), code that kdtrain would "
+                "import and call; a file is never trusted to run code: if you trust it, pass --trust-model-code"
+            )
         fn = _import_target(str(target), role)
         _check_kwargs(fn, kwargs, role, str(target), {"num_classes", "in_shape"})
         return fn, kwargs, str(target), False
@@ -105,9 +122,13 @@ def resolve_builder(cfg: dict[str, Any], role: str) -> tuple[Callable[..., nn.Mo
     return fn, kwargs, str(name), True
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str) -> nn.Module:
-    """Build the model that `cfg` names, for `num_classes` outputs and inputs of `in_shape` (C, H, W)."""
-    fn, kwargs, label, builtin = resolve_builder(cfg, role)
+def build_model(
+    cfg: dict[str, Any], num_classes: int, in_shape: tuple[int, int, int], role: str, from_file: str | None = None
+) -> nn.Module:
+    """Build the model that `cfg` names, for `num_classes` outputs and inputs of `in_shape` (C, H, W).
+
+    `from_file`: see resolve_builder (a custom model read from a file is refused)."""
+    fn, kwargs, label, builtin = resolve_builder(cfg, role, from_file)
     if builtin:
         return _construct(fn, (num_classes, in_shape), kwargs, role, label)
     params = _signature_names(fn)

@@ -2,12 +2,13 @@
 
 * `arch`: a name from `torchvision.models.list_models(module=torchvision.models)`.
 * `pretrained`: null (random init), `DEFAULT` or a weights name of the arch (e.g. IMAGENET1K_V1),
-  read from the torch hub cache (`torch.hub.get_dir()/checkpoints/`, as torchvision names the
-  file), or the path of a weights file (.pth / .pt state dict, or .safetensors). Nothing is
-  downloaded at run time; a missing file is an error that says where to put it. Files load
-  without executing code (`torch.load(weights_only=True)` or safetensors). When the file's
-  classifier has another number of classes (ImageNet's 1000), the backbone is loaded and the
-  classifier keeps its fresh initialisation.
+  downloaded on first use into the torch hub cache (`torch.hub.get_dir()/checkpoints/`, as
+  torchvision names the file, hash-checked) and read from there after (see kdtrain.models.hub; with
+  offline=true a missing file is an error that says where to put it), or the path of a weights
+  file (.pth / .pt state dict, or .safetensors). Files load without executing code
+  (`torch.load(weights_only=True)` or safetensors). When the file's classifier has another number
+  of classes (ImageNet's 1000), the backbone is loaded and the classifier keeps its fresh
+  initialisation; `head_pretrained` on the returned model says whether the classifier loaded too.
 * Inputs are adapted to what these ImageNet models expect, by a wrapper without parameters
   (`InputAdapter`, whose `net` is the torchvision model): 1-channel inputs are repeated to 3
   channels, and inputs smaller than 32 pixels are upsampled (bilinear) to 32. The model's own
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from kdtrain.checkpoint import load_state_dict_file
 from kdtrain.errors import UserError
 from kdtrain.models import register
+from kdtrain.models.hub import cached_download
 
 MIN_SIZE = 32
 AUX_HEADS = ("AuxLogits.", "aux1.", "aux2.")  # Inception v3 / GoogLeNet training heads, not built here
@@ -35,13 +36,17 @@ WRAPPER_PREFIXES = ("module.", "net.")  # DataParallel, and kdtrain's own InputA
 
 
 class InputAdapter(nn.Module):
-    """Repeats 1-channel inputs to 3 channels and upsamples inputs under `min_size` pixels, then runs `net`."""
+    """Repeats 1-channel inputs to 3 channels and upsamples inputs under `min_size` pixels, then runs `net`.
 
-    def __init__(self, net: nn.Module, in_channels: int, min_size: int = MIN_SIZE):
+    `head_pretrained`: the classifier came with the pretrained weights (for this number of classes),
+    so the model is ready to use as loaded; False when it is freshly initialised."""
+
+    def __init__(self, net: nn.Module, in_channels: int, min_size: int = MIN_SIZE, head_pretrained: bool = False):
         super().__init__()
         self.net = net
         self.gray = in_channels == 1
         self.min_size = min_size
+        self.head_pretrained = head_pretrained
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gray:
@@ -71,8 +76,10 @@ def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def load_backbone(model: nn.Module, state: dict[str, Tensor], num_classes: int, source: Path, arch: str) -> None:
-    """Load `state` into `model`; classifier tensors whose class count differs keep their fresh init."""
+def load_backbone(model: nn.Module, state: dict[str, Tensor], num_classes: int, source: Path, arch: str) -> bool:
+    """Load `state` into `model`; classifier tensors whose class count differs keep their fresh init.
+
+    Returns True when every tensor loaded, the classifier included."""
     state = _strip_prefix(state)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(AUX_HEADS)}
@@ -99,10 +106,12 @@ def load_backbone(model: nn.Module, state: dict[str, Tensor], num_classes: int, 
             f"{tuple(own[k].shape)} in the model"
         )
     model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    return not head
 
 
 def _weights_file(arch: str, pretrained: str) -> Path:
-    """The file `pretrained` names: a path, or DEFAULT / a weights name looked up in the torch hub cache."""
+    """The file `pretrained` names: a path, or DEFAULT / a weights name, downloaded into the torch hub cache
+    on first use (kdtrain.models.hub)."""
     from torchvision.models import get_model_weights
 
     path = Path(pretrained).expanduser()
@@ -115,14 +124,7 @@ def _weights_file(arch: str, pretrained: str) -> Path:
     names = [w.name for w in enum]
     if enum and (pretrained == "DEFAULT" or pretrained in names):
         weights = get_model_weights(arch).DEFAULT if pretrained == "DEFAULT" else get_model_weights(arch)[pretrained]
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-        if not cached.is_file():
-            raise UserError(
-                f"pretrained={pretrained} needs {cached} ({arch} {weights.name}) and kdtrain never downloads at "
-                "run time: "
-                f"save {weights.url} there, or give the path of a weights file"
-            )
-        return cached
+        return cached_download(weights.url, f"pretrained={pretrained} ({arch} {weights.name})")
     choices = ", ".join(["DEFAULT", *names]) if names else "none for this arch"
     raise UserError(
         f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors), or "
@@ -130,10 +132,12 @@ def _weights_file(arch: str, pretrained: str) -> Path:
     )
 
 
-def load_pretrained(model: nn.Module, pretrained: object, num_classes: int, arch: str, lookup: bool = True) -> None:
-    """Load `pretrained` (a path, or with `lookup` a torchvision weights name) into `model`, if set."""
+def load_pretrained(model: nn.Module, pretrained: object, num_classes: int, arch: str, lookup: bool = True) -> bool:
+    """Load `pretrained` (a path, or with `lookup` a torchvision weights name) into `model`, if set.
+
+    Returns True when the classifier loaded too (the weights are for `num_classes` classes)."""
     if pretrained is None:
-        return
+        return False
     if not isinstance(pretrained, str) or not pretrained:
         raise UserError(
             f"pretrained={pretrained!r} is not accepted: give DEFAULT, a weights name or a file path, or null"
@@ -146,7 +150,7 @@ def load_pretrained(model: nn.Module, pretrained: object, num_classes: int, arch
             raise UserError(
                 f"pretrained={pretrained} is not a file; give the path of a weights file (.pth, .pt, .safetensors)"
             )
-    load_backbone(model, load_state_dict_file(path, "pretrained weights"), num_classes, path, arch)
+    return load_backbone(model, load_state_dict_file(path, "pretrained weights"), num_classes, path, arch)
 
 
 @torch.no_grad()
@@ -182,7 +186,7 @@ def torchvision_model(
     check_channels(in_shape)
     extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     net = models.get_model(arch, weights=None, num_classes=num_classes, **extra)
-    load_pretrained(net, pretrained, num_classes, arch)
-    model = InputAdapter(net, in_shape[0])
+    head_pretrained = load_pretrained(net, pretrained, num_classes, arch)
+    model = InputAdapter(net, in_shape[0], head_pretrained=head_pretrained)
     check_forward(model, in_shape, arch)
     return model
