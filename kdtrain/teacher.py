@@ -101,7 +101,10 @@ def get_teacher(
         cfg = _as_loaded_if_fitting(cfg, model, splits.num_classes)
         folder = _from_store(cfg, splits, model, device, amp_dtype)
         source = str(folder)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        # A teacher the store could not keep (a str: kept in memory) has no stored metrics to check.
+        metrics = folder / "metrics.jsonl" if isinstance(folder, Path) else None
+        text = metrics.read_text() if metrics is not None and metrics.is_file() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         epoch = collapse_epoch(rows, splits.num_classes)
         if epoch is not None:
             warn("teacher", epoch, splits.num_classes, "teacher_train.lr", float(cfg.teacher_train.lr))
