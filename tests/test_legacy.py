@@ -29,7 +29,12 @@ def same_rows(got: list[dict], want: list[dict]) -> None:
             assert g[key] == (pytest.approx(value, rel=1e-6, abs=1e-9) if value is not None else None), key
 
 
-@pytest.mark.parametrize("case", [c for c in RECORDED["rows"] if c != "mid_epoch"])
+# mode=none was redefined on purpose after the recording (issue #14's fair baseline: the student alone trains
+# on the labelled samples only), so it is left out; the other modes' training is unchanged.
+CHANGED_SINCE = {"mid_epoch", "none"}
+
+
+@pytest.mark.parametrize("case", [c for c in RECORDED["rows"] if c not in CHANGED_SINCE])
 def test_old_modes_give_the_recorded_losses(case, compose, tmp_path):
     run(compose(*RECORDED["overrides"]["base"], *RECORDED["overrides"][case]), tmp_path)
     same_rows(rows(tmp_path), RECORDED["rows"][case])
@@ -45,4 +50,8 @@ def test_a_checkpoint_of_the_old_engine_resumes_exactly(compose, tmp_path, caplo
     run(compose(*overrides, f"resume={tmp_path}"), tmp_path)
     same_rows(rows(tmp_path), RECORDED["rows"]["mid_epoch"])
     assert "resuming from" in caplog.text and "after epoch 1 and 8 of 21 steps" in caplog.text
-    assert "settings that differ" not in caplog.text  # keys added since, at their defaults, are no difference
+    # The loss-term keys added since (loss, kd.*, dkd.*, feature.start_epoch, ...) are at their defaults:
+    # no difference. (Keys other issues added may still be listed.)
+    warned = " ".join(line for line in caplog.text.splitlines() if "settings that differ" in line)
+    for key in ("loss:", "kd.", "dkd", "dist", "rkd", "pkt", "sp.", "feature."):
+        assert key not in warned, warned
