@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 import pytest
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from kdtrain.cli import check_command_line
 from kdtrain.config import Mode, effective_weights, validate
@@ -150,3 +151,12 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, argv):
     assert len(lines) == 1 and lines[0].startswith("kdtrain: error:"), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "store").exists()  # nothing was trained or written
+
+
+def test_the_mode_enum_and_the_mode_files_agree():
+    # `Mode` types the `mode` key (so a typo gets Hydra's one-line error); conf/mode/ holds the presets.
+    from kdtrain.config import Mode
+
+    assert {m.value for m in Mode} == set(options("mode"))
+    for name in options("mode"):
+        assert OmegaConf.load(CONF / "mode" / f"{name}.yaml").mode == name
