@@ -26,7 +26,6 @@ from kdtrain.sweep import print_sweep, summarise, write_files
 from tests._dataset_files import write_idx
 
 CPU = torch.device("cpu")
-CE_ONLY = {"ce": 1.0, "kd": 0.0, "feat": 0.0}
 
 
 def _rows(path: Path, keys=("epoch", "loss", "ce", "train_acc", "val_acc")) -> list[dict]:
@@ -38,7 +37,7 @@ def _obtain(cfg, splits):
         seed_everything(int(cfg.seed))
         return _student(cfg, splits, CPU)
 
-    return baseline.obtain(cfg, splits, CPU, None, build, _spec(cfg, CE_ONLY, "baseline", None, {}))
+    return baseline.obtain(cfg, splits, CPU, None, build, _spec(cfg, "baseline", None, {}))
 
 
 def test_labelled_only_repeats_the_labelled_samples_to_the_transfer_set_size():
@@ -226,7 +225,7 @@ def test_the_baseline_reaches_a_student_trained_on_the_labelled_samples_alone(co
     # for about as many optimizer steps (30 epochs of 4 steps against 5 epochs of >= 20).
     seed_everything(0)
     alone = _student(cfg, splits, CPU)
-    spec = replace(_spec(cfg, CE_ONLY, "alone", None, {}), epochs=30)
+    spec = replace(_spec(cfg, "alone", None, {}), epochs=30)
     reference = fit(alone, splits.teacher_train, splits.val, spec, CPU, None)
     assert reference["best_val_acc"] > 0.5
     assert result["best_val_acc"] >= reference["best_val_acc"] - 0.03
