@@ -25,15 +25,18 @@ def chance_threshold(num_classes: int) -> float:
 
 def collapse_epoch(rows: list[dict[str, Any]], num_classes: int, skip: int = 0) -> int | None:
     """The epoch by which the metrics `rows` (in epoch order) had been stuck for EPOCHS consecutive epochs
-    (training accuracy at chance, or a mean loss not below the first counted epoch's), or None.
+    (training accuracy at chance, or a mean cross-entropy not below the first counted epoch's), or None.
 
-    The first `skip` epochs are not counted: FitNets' hint stage trains no classifier."""
+    The CE column is watched, not the total loss: the total changes make-up while terms warm up (DKD's and
+    ReviewKD's weights ramp over 20 epochs, so their total loss rises while the model learns); rows without
+    a CE column fall back on the loss. The first `skip` epochs are not counted: FitNets' hint stage trains no
+    classifier."""
     threshold = chance_threshold(num_classes)
     first_loss, streak = None, 0
     for row in rows:
         if row["epoch"] <= skip:
             continue
-        loss = row.get("loss")
+        loss = row.get("ce", row.get("loss"))
         loss = float("nan") if loss is None else float(loss)
         stuck = row["train_acc"] <= threshold or (first_loss is not None and not loss < first_loss)
         if first_loss is None:
@@ -46,7 +49,7 @@ def collapse_epoch(rows: list[dict[str, Any]], num_classes: int, skip: int = 0) 
 
 def warn(label: str, epoch: int, num_classes: int, lr_key: str, lr: float) -> None:
     log.warning(
-        "%s collapsed: its training accuracy stayed at chance (<= %.0f%%) or its loss did not fall for %d "
+        "%s collapsed: its training accuracy stayed at chance (<= %.0f%%) or its cross-entropy did not fall for %d "
         "epochs (by epoch %d); the likely cause is a learning rate too high for it: lower %s (now %g), e.g. %s=%g",
         label,
         100 * chance_threshold(num_classes),
