@@ -17,15 +17,31 @@ Storage: tensors on the training device, row i = training sample i (with views: 
 logits, their classes and one fill value for the other C - k classes (see `TOPK_FILL`).
 
 On disk (teacher_cache=disk): one safetensors file (no code runs on loading) per key, written
-atomically, in `<teacher_store>/cache/`. The key is the sha256 of everything that decides the
-cached values: the teacher's class and weights (every tensor's bytes), the dataset config (minus
-the keys that change labels only: labelled_per_class, exclude_classes, download), the split
-("train"), a sha256 of the training inputs themselves (so any change of data, split or hidden
-classes, which changes the sample indices, gets a new key), the augmentation and views, the feature
-layers, the autocast dtype, and the storage dtype / top-k (with top-k, the temperature too). A file
-that is unreadable, truncated, fails its checksum or holds another key is rejected with a UserError
-by `load`; `obtain` then logs the reason and rebuilds it (the cache is derived data: rebuilding is
-always safe, and a run should not fail for a stale or torn cache file).
+atomically, in `<teacher_store>/cache/`, loaded whole onto the training device.
+
+On the stream path (a `StreamSet`: images decoded batch by batch, a dataset too large for memory) the
+cache is built by iterating the training batches in order and written straight into memory-mapped
+`.npy` files, one per tensor, plus a JSON sidecar with the key, the identity and each file's sha256
+(`teacher_cache=auto` or `disk`; `memory` keeps it on the device as above). Training reads each batch's
+rows by sample index and copies only those to the device: the cache is never loaded whole, and under
+torchrun every rank maps the same file (one copy in the page cache). Why `.npy` and not safetensors:
+`np.load(mmap_mode=..., allow_pickle=False)` maps a plain array (no code runs) that a fancy index reads
+row by row, and numpy writes it in place batch by batch; safetensors' loaders copy a tensor whole (or a
+contiguous slice), which is what this path avoids. Teacher features are cached the same way as the
+logits: without them the teacher would run every step anyway, and on disk they cost disk, not memory
+(a 7x7x512 map is 50 KB per sample in float16). The files are preallocated, so a cache that does not
+fit on the disk fails at once (logged: the teacher then runs every step) instead of midway.
+
+The key is the sha256 of everything that decides the cached values: the teacher's class and weights
+(every tensor's bytes), the dataset config (minus the keys that change labels or speed only: see
+NOT_INPUT_KEYS), the split ("train"), the training inputs themselves (a sha256 of their bytes, so any
+change of data, split or hidden classes, which changes the sample indices, gets a new key; on the
+stream path, where the pixels are not in memory: the source's fingerprint (every file's path, size and
+mtime), the sample rows and the transform settings), the augmentation and views, the feature layers,
+the autocast dtype, and the storage dtype / top-k (with top-k, the temperature too). A file that is
+unreadable, truncated, fails its checksum or holds another key is rejected with a UserError by `load`
+(`load_mapped`); `obtain` then logs the reason and rebuilds it (the cache is derived data: rebuilding
+is always safe, and a run should not fail for a stale or torn cache file).
 """
 
 from __future__ import annotations
@@ -34,18 +50,21 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kdtrain.checkpoint import save_weights
-from kdtrain.data import TensorSet
+from kdtrain.checkpoint import atomic_write, save_weights
+from kdtrain.data import StreamSet, TensorSet
 from kdtrain.errors import UserError, WriteError, write_error
 from kdtrain.features import Capture
 from kdtrain.locks import file_lock
@@ -54,13 +73,16 @@ log = logging.getLogger("kdtrain")
 
 # Bump when a change to the code changes what a cache holds for the same key.
 CACHE_VERSION = 1
-# Dataset keys that change labels (or where files come from), not the training inputs.
-NOT_INPUT_KEYS = {"labelled_per_class", "exclude_classes", "download"}
+# Dataset keys that change labels, where files come from or how fast they are read, not the training
+# inputs ("loader": the inputs themselves are keyed: their bytes, or a stream's source and transform).
+NOT_INPUT_KEYS = {"labelled_per_class", "exclude_classes", "download", "loader", "workers", "memory_budget_gb"}
 # The views' crop offsets and flips are drawn from this seed (not the run's seed): every job of a
 # sweep over `seed` shares one cache.
 VIEW_SEED = 0
 POLICIES = ("auto", "off", "memory", "disk")
 META = "kdtrain_teacher_cache"
+# The storage of one cached output: (name, shape, dtype) -> a tensor written by row.
+Allocate = Callable[[str, tuple[int, ...], torch.dtype], Tensor]
 
 TOPK_FILL = """
 Top-k logits, and what the other classes get. KD at temperature T compares p_t = softmax(t/T) with
@@ -100,7 +122,7 @@ def weights_digest(model: nn.Module) -> str:
 
 def cache_identity(
     teacher: nn.Module,
-    train: TensorSet,
+    train: TensorSet | StreamSet,
     dataset_cfg: dict[str, Any],
     amp_dtype: torch.dtype | None,
     feature_paths: list[str],
@@ -119,7 +141,7 @@ def cache_identity(
         },
         "dataset": {k: v for k, v in sorted(dataset_cfg.items()) if k not in NOT_INPUT_KEYS},
         "split": "train",
-        "inputs": {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])},
+        "inputs": _inputs_identity(train),
         "augment": None if views == 0 else {"views": views, "seed": VIEW_SEED, **_augment_params(augment)},
         "layers": list(feature_paths),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
@@ -127,6 +149,34 @@ def cache_identity(
         "topk": topk,
         "temperature": float(temperature) if topk else None,  # only top-k's fill value depends on T
     }
+
+
+def _inputs_identity(train: TensorSet | StreamSet) -> dict[str, Any]:
+    """What decides the training inputs: their bytes in memory; on the stream path, where the pixels are read
+    at every epoch, the images' identity (their fingerprint: no pixel is read), the sample rows and the loader."""
+    if isinstance(train, StreamSet):
+        return {
+            "n": len(train),
+            "loader": "stream",
+            "source": train.source.fingerprint(),
+            "rows": tensor_digest([("rows", train.rows)]),
+        }
+    return {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])}
+
+
+def _input_batches(
+    train: TensorSet | StreamSet, batch_size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs on `device`, their sample indices) over `train` in order, as training sees them."""
+    if isinstance(train, StreamSet):
+        from kdtrain.data.batches import make_batches
+
+        for x, _, idx in make_batches(train, batch_size, device, shuffle=False).epoch():
+            yield x, idx
+        return
+    for start in range(0, len(train), batch_size):
+        x = train.x[start : start + batch_size]
+        yield x.to(device, non_blocking=True), torch.arange(start, start + len(x), device=device)
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -186,14 +236,17 @@ class TeacherCache:
         return self.view_dy[idx, view], self.view_dx[idx, view], self.view_flip[idx, view]
 
     def lookup(self, idx: Tensor, view: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Teacher logits (B, C) and features of samples `idx` (a tensor on the cache's device), as float32."""
+        """Teacher logits (B, C) and features of samples `idx`, as float32 on `idx`'s device. A cache held in
+        memory-mapped files (the stream path) reads these rows only, on the CPU, and copies them to the device."""
         rows = self.rows_of(idx, view)
+        home = (self.logits if self.logits is not None else self.topk_fill).device
+        rows = rows.to(home)
         if self.logits is not None:
-            logits = self.logits[rows].float()
+            logits = self.logits[rows]
         else:
             logits = self.topk_fill[rows].float().unsqueeze(1).repeat(1, self.num_classes)
             logits.scatter_(1, self.topk_indices[rows].long(), self.topk_values[rows].float())
-        return logits, [f[rows].float() for f in self.features]
+        return logits.to(idx.device).float(), [f[rows].to(idx.device).float() for f in self.features]
 
     # --- build -------------------------------------------------------------------------------------
 
@@ -202,7 +255,7 @@ class TeacherCache:
     def build(
         cls,
         teacher: nn.Module,
-        train: TensorSet,
+        train: TensorSet | StreamSet,
         device: torch.device,
         amp_dtype: torch.dtype | None,
         feature_paths: list[str] | tuple[str, ...] = (),
@@ -214,8 +267,10 @@ class TeacherCache:
         batch_size: int = 512,
         identity: dict[str, Any] | None = None,
         channels_last: bool = False,
+        allocate: Allocate | None = None,
     ) -> TeacherCache:
-        """Run the teacher (eval mode, no grad, under the run's autocast) once over `train` (and K views)."""
+        """Run the teacher (eval mode, no grad, under the run's autocast) once over `train` (and K views),
+        in order; `allocate(name, shape, dtype)` gives each output's storage (default: a tensor on `device`)."""
         feature_paths = list(feature_paths)
         dtype = torch.float16 if fp16 else torch.float32
         if identity is None:
@@ -236,15 +291,18 @@ class TeacherCache:
         if views:
             params = augment.draw((n, views), torch.Generator().manual_seed(VIEW_SEED))
             cache.view_dy, cache.view_dx, cache.view_flip = (p.to(device) for p in params)
+        if allocate is None:
+            allocate = lambda name, shape, kind: torch.empty(shape, dtype=kind, device=device)  # noqa: E731
         was_training = teacher.training
         teacher.eval()
         capture = Capture(teacher, feature_paths, "teacher") if feature_paths else None
         autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+        names = (["topk_values", "topk_indices", "topk_fill"] if topk else ["logits"]) + [
+            f"feature.{i}" for i in range(len(feature_paths))
+        ]
         store: dict[str, Tensor] = {}
         try:
-            for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n), device=device)
-                x = train.x[start : start + len(idx)].to(device, non_blocking=True)
+            for x, idx in _input_batches(train, batch_size, device):
                 for v in range(k_views):
                     xin = augment.at(x, *cache.view_params(idx, torch.full_like(idx, v))) if views else x
                     if channels_last and xin.dim() == 4:
@@ -253,17 +311,18 @@ class TeacherCache:
                         out = teacher(xin)
                     rows = idx * views + v if views else idx
                     values = cls._reduce(out, topk, temperature) + (capture.pop() if capture else [])
-                    names = (["topk_values", "topk_indices", "topk_fill"] if topk else ["logits"]) + [
-                        f"feature.{i}" for i in range(len(feature_paths))
-                    ]
                     for name, value in zip(names, values):
+                        kind = value.dtype if name == "topk_indices" else dtype
                         if name not in store:
-                            shape, kind = (
-                                (n * k_views, *value.shape[1:]),
-                                value.dtype if name == "topk_indices" else dtype,
+                            store[name] = allocate(name, (n * k_views, *value.shape[1:]), kind)
+                        value = value.to(kind)
+                        if fp16 and value.is_floating_point() and not bool(value.isfinite().all()):
+                            raise UserError(
+                                "teacher_cache_dtype=float16 cannot hold this teacher's outputs (some exceed "
+                                "float16's range of 65504); use teacher_cache_dtype=float32"
                             )
-                            store[name] = torch.empty(shape, dtype=kind, device=device)
-                        store[name][rows] = value.to(store[name].dtype)
+                        held = store[name]
+                        held[rows.to(held.device)] = value.to(held.device)
                     cache.num_classes = out.shape[1]
         finally:
             if capture is not None:
@@ -274,11 +333,6 @@ class TeacherCache:
             store.get(k) for k in ("topk_values", "topk_indices", "topk_fill")
         )
         cache.features = [store[f"feature.{i}"] for i in range(len(feature_paths))]
-        if fp16 and not all(bool(t.isfinite().all()) for t in cache._tensors().values() if t.is_floating_point()):
-            raise UserError(
-                "teacher_cache_dtype=float16 cannot hold this teacher's outputs (some exceed float16's range "
-                "of 65504); use teacher_cache_dtype=float32"
-            )
         return cache
 
     @staticmethod
@@ -349,10 +403,7 @@ class TeacherCache:
         if tensor_digest(sorted(tensors.items())) != meta["digest"]:
             raise UserError(f"{what} fails its checksum: its contents were changed or damaged")
         views, n_feat = int(meta["views"]), int(meta["features"])
-        needed = (
-            ["logits"] if meta["identity"].get("topk") in (None, 0) else ["topk_values", "topk_indices", "topk_fill"]
-        )
-        needed += [f"feature.{i}" for i in range(n_feat)] + (["view_dy", "view_dx", "view_flip"] if views else [])
+        needed = _needed(meta["identity"], n_feat) + (["view_dy", "view_dx", "view_flip"] if views else [])
         if any(k not in tensors for k in needed):
             raise UserError(f"{what} is incomplete (no {next(k for k in needed if k not in tensors)!r} tensor)")
         t = {k: v.to(device) for k, v in tensors.items()}
@@ -371,15 +422,145 @@ class TeacherCache:
             view_flip=t.get("view_flip"),
         )
 
+    @classmethod
+    def load_mapped(cls, path: Path, key: str | None = None) -> TeacherCache:
+        """Map a cache written by `MappedWriter` (`path`: its JSON sidecar) without reading it into memory:
+        its tensors are views of the memory-mapped `.npy` files (numpy, allow_pickle=False: no code runs).
+        UserError when the sidecar is unreadable, a file is missing, short or fails its sha256 (the files
+        are read once, in chunks, to check it), or (with `key`) it holds another key."""
+        path = Path(path)
+        what = f"teacher cache {path}"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8 or not JSON
+            first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise UserError(f"{what} is unreadable ({first}): it is truncated or corrupt") from None
+        if (
+            not isinstance(meta, dict)
+            or not {"key", "identity", "num_classes", "features", "sha256"} <= set(meta)
+            or not isinstance(meta["sha256"], dict)
+        ):
+            raise UserError(f"{what} is not a kdtrain teacher cache (no key, identity or checksums)")
+        if key is not None and meta["key"] != key:
+            raise UserError(
+                f"{what} holds the cache of another teacher, dataset or setting (key {meta['key'][:12]}, "
+                f"expected {key[:12]})"
+            )
+        n_feat, rows = int(meta["features"]), int(meta["identity"]["inputs"]["n"])
+        tensors = {}
+        for name in _needed(meta["identity"], n_feat):
+            file = array_file(path, name)
+            try:
+                with open(file, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                if digest != meta["sha256"].get(name):
+                    raise UserError(f"{what} fails its checksum: {file.name} was changed or damaged")
+                # "c" (copy-on-write): a writable mapping, so torch takes it without a warning; the file is
+                # never written.
+                array = np.load(file, mmap_mode="c", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+                raise UserError(f"{what} is incomplete or unreadable ({first})") from None
+            if array.shape[:1] != (rows,):
+                raise UserError(f"{what} is incomplete ({file.name} holds {array.shape[0]} rows, not {rows})")
+            tensors[name] = torch.from_numpy(array)
+        return cls(
+            num_classes=int(meta["num_classes"]),
+            key=meta["key"],
+            identity=meta["identity"],
+            logits=tensors.get("logits"),
+            topk_values=tensors.get("topk_values"),
+            topk_indices=tensors.get("topk_indices"),
+            topk_fill=tensors.get("topk_fill"),
+            features=[tensors[f"feature.{i}"] for i in range(n_feat)],
+        )
+
+
+def _needed(identity: dict[str, Any], features: int) -> list[str]:
+    """The names of the output tensors a cache of `identity` holds (views aside)."""
+    names = ["logits"] if identity.get("topk") in (None, 0) else ["topk_values", "topk_indices", "topk_fill"]
+    return names + [f"feature.{i}" for i in range(features)]
+
+
+class MappedWriter:
+    """An `Allocate` for the stream path: each output is a memory-mapped `.npy` file, written in place batch
+    by batch under a temporary name; `commit` moves the files into place and then writes the JSON sidecar
+    (key, identity, each file's sha256) that makes them a cache: a crash before it leaves no cache, only
+    temporary files, which the next build of the key removes."""
+
+    def __init__(self, sidecar: Path):
+        self.sidecar = Path(sidecar)
+        self.arrays: dict[str, tuple[Path, np.memmap]] = {}
+        for stale in self.sidecar.parent.glob(f".{self.sidecar.stem}.*.tmp"):  # a killed build's (we hold the lock)
+            stale.unlink(missing_ok=True)
+
+    def __call__(self, name: str, shape: tuple[int, ...], kind: torch.dtype) -> Tensor:
+        final = array_file(self.sidecar, name)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            self.sidecar.parent.mkdir(parents=True, exist_ok=True)
+            array = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=torch.empty((), dtype=kind).numpy().dtype, shape=shape
+            )
+            self.arrays[name] = (tmp, array)
+            if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not with a SIGBUS later
+                with open(tmp, "rb+") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            error = write_error(e, final)
+            if error is None:
+                raise
+            raise error from None
+        return torch.from_numpy(array)
+
+    def commit(self, cache: TeacherCache) -> None:
+        """Flush the files, move them into place, then write the sidecar (each step atomic)."""
+        digests = {}
+        try:
+            for name, (tmp, array) in self.arrays.items():
+                array.flush()
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                    digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            for name, (tmp, _) in self.arrays.items():
+                os.replace(tmp, array_file(self.sidecar, name))
+        except OSError as e:
+            error = write_error(e, self.sidecar)
+            if error is None:
+                raise
+            raise error from None
+        meta = {
+            "key": cache.key,
+            "identity": cache.identity,
+            "num_classes": cache.num_classes,
+            "features": len(cache.features),
+            "sha256": digests,
+        }
+        atomic_write(self.sidecar, lambda p: p.write_text(json.dumps(meta)))
+
+    def discard(self) -> None:
+        """Remove the temporary files left (all of them unless `commit` moved them)."""
+        for tmp, _ in self.arrays.values():
+            tmp.unlink(missing_ok=True)
+
 
 def cache_file(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"teacher-{key[:24]}.safetensors"
 
 
+def mapped_file(cache_dir: Path, key: str) -> Path:
+    """The JSON sidecar of a stream path's cache; its arrays are `array_file(sidecar, name)`."""
+    return Path(cache_dir) / f"teacher-{key[:24]}.json"
+
+
+def array_file(sidecar: Path, name: str) -> Path:
+    return sidecar.with_name(f"{sidecar.stem}.{name}.npy")
+
+
 def obtain(
     policy: str,
     teacher: nn.Module,
-    train: TensorSet,
+    train: TensorSet | StreamSet,
     num_classes: int,
     dataset_cfg: dict[str, Any],
     cache_dir: Path,
@@ -397,28 +578,44 @@ def obtain(
 
     auto: in memory when the training inputs are deterministic (or `views` > 0); under random augmentation
     without views, no cache. memory / disk: the same, with disk reusing (or writing) a file in `cache_dir`;
-    asked for under random augmentation without views, they raise a UserError naming the fix.
+    asked for under random augmentation without views, they raise a UserError naming the fix. On the stream
+    path (`train` a StreamSet) auto and disk keep the cache in memory-mapped files in `cache_dir` (see
+    `MappedWriter`); if they cannot be written there, the teacher runs every step (logged).
     """
     if policy not in POLICIES:
         raise UserError(f"teacher_cache={policy} is not accepted: use one of {', '.join(POLICIES)}")
     if policy == "off":
         return None
+    stream = isinstance(train, StreamSet)
+    if views and stream:
+        raise UserError(
+            f"teacher_cache_views={views} replays crops of images held in memory, but this run streams its "
+            "images from disk (dataset.loader=stream); set teacher_cache_views=0 (under augmentation the teacher "
+            "then runs every step) or dataset.loader=memory"
+        )
     if views and augment is None:
         raise UserError(
             f"teacher_cache_views={views} caches augmented views, but this run's training inputs are not "
             "augmented (dataset.augment=false, or a dataset without augmentation); set teacher_cache_views=0"
         )
-    if augment is not None and not views:
+    # A stream decodes a fresh random crop per sample and step (dataset.augment) instead of `augment` on the device.
+    if (augment is not None or (stream and dataset_cfg.get("augment"))) and not views:
         if policy == "auto":
             log.info(
-                "teacher cache: off, the training inputs are randomly augmented so the teacher runs every step "
-                "(teacher_cache_views=K caches K fixed augmented views per sample instead)"
+                "teacher cache: off, the training inputs are randomly augmented so the teacher runs every step (%s)",
+                "dataset.augment=false makes them deterministic and cacheable"
+                if stream
+                else "teacher_cache_views=K caches K fixed augmented views per sample instead",
             )
             return None
         raise UserError(
             f"teacher_cache={policy} needs deterministic training inputs, but dataset.augment is on; "
-            "set teacher_cache_views=K (K fixed augmented views per sample), dataset.augment=false, "
-            "or teacher_cache=auto"
+            + (
+                "set dataset.augment=false"
+                if stream
+                else "set teacher_cache_views=K (K fixed augmented views per sample), dataset.augment=false"
+            )
+            + ", or teacher_cache=auto"
         )
     if topk is not None and not 1 <= topk < num_classes:
         raise UserError(
@@ -430,7 +627,7 @@ def obtain(
     )
     key = cache_key(identity)
 
-    def build() -> TeacherCache:
+    def build(allocate: Allocate | None = None, where: str = str(device)) -> TeacherCache:
         start = time.perf_counter()
         cache = TeacherCache.build(
             teacher,
@@ -445,46 +642,88 @@ def obtain(
             augment=augment,
             identity=identity,
             channels_last=channels_last,
+            allocate=allocate,
         )
         log.info(
-            "teacher cache: teacher outputs for %d samples%s computed once in %.1f s (%.1f MB on %s); "
+            "teacher cache: teacher outputs for %d samples%s computed once in %.1f s (%.1f MB %s); "
             "the teacher's forward pass is skipped in training",
             len(train),
             f" x {views} views" if views else "",
             time.perf_counter() - start,
             cache.nbytes() / 2**20,
-            device,
+            where,
         )
         return cache
 
+    if stream and policy != "memory":
+        return _mapped(mapped_file(cache_dir, key), key, build)
     if policy != "disk":
-        cache = build()
-    else:
-        path = cache_file(cache_dir, key)
-        lock = path.with_name(f".{path.name}.lock")
-        with contextlib.ExitStack() as held:
-            writable = True
+        return build()
+    path = cache_file(cache_dir, key)
+    with _locked(path) as writable:
+        cache = _reuse(path, lambda: TeacherCache.load(path, device, key))
+        if cache is None:
+            cache = build()
             try:
-                held.enter_context(file_lock(lock, f"the teacher cache {path.name}"))
-            except OSError as e:
-                error = write_error(e, lock)
-                if error is None:
-                    raise
-                writable = False  # derived data: the run goes on with the cache in memory
-                log.warning("teacher cache: %s; the cache is not written this time", error)
-            cache = None
-            if path.is_file():
-                try:
-                    cache = TeacherCache.load(path, device, key)
-                    log.info("teacher cache: reusing %s (%.1f MB)", path, cache.nbytes() / 2**20)
-                except UserError as e:
-                    log.warning("%s; rebuilding it", e)
-            if cache is None:
-                cache = build()
-                try:
-                    if writable:
-                        cache.save(path)
-                        log.info("teacher cache: wrote %s", path)
-                except WriteError as e:
-                    log.warning("teacher cache: not written (%s); this run goes on with it in memory", e)
+                if writable:
+                    cache.save(path)
+                    log.info("teacher cache: wrote %s", path)
+            except WriteError as e:
+                log.warning("teacher cache: not written (%s); this run goes on with it in memory", e)
+    return cache
+
+
+def _mapped(sidecar: Path, key: str, build: Callable[..., TeacherCache]) -> TeacherCache | None:
+    """The stream path's cache: reused from `sidecar`'s files, or built into them; None (the teacher runs
+    every step) when they cannot be written."""
+    with _locked(sidecar) as writable:
+        cache = _reuse(sidecar, lambda: TeacherCache.load_mapped(sidecar, key))
+        if cache is not None:
+            return cache
+        if not writable:
+            log.warning(
+                "teacher cache: the teacher runs every step (its cache cannot be written in %s)", sidecar.parent
+            )
+            return None
+        writer = MappedWriter(sidecar)
+        try:
+            cache = build(writer, f"memory-mapped in {sidecar.parent}")
+            writer.commit(cache)
+            log.info("teacher cache: wrote %s", sidecar)
+            return cache
+        except WriteError as e:
+            log.warning("teacher cache: not written (%s); the teacher runs every step", e)
+            return None
+        finally:
+            writer.discard()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """Hold the lock of the cache file `path` (parallel jobs build a key once); yields whether the folder is
+    writable (when it is not, the lock cannot be taken either, and the run goes on without writing)."""
+    lock = path.with_name(f".{path.name}.lock")
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock, f"the teacher cache {path.name}"))
+        except OSError as e:
+            error = write_error(e, lock)
+            if error is None:
+                raise
+            log.warning("teacher cache: %s; the cache is not written this time", error)
+            yield False
+            return
+        yield True
+
+
+def _reuse(path: Path, load: Callable[[], TeacherCache]) -> TeacherCache | None:
+    """The cache in `path` when it is there and sound; a damaged or stale one is logged (it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        cache = load()
+    except UserError as e:
+        log.warning("%s; rebuilding it", e)
+        return None
+    log.info("teacher cache: reusing %s (%.1f MB)", path, cache.nbytes() / 2**20)
     return cache

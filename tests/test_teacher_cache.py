@@ -3,24 +3,39 @@ float16 and top-k storage within tolerance, replayable augmented views."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from kdtrain import teacher_cache
 from kdtrain.config import validate
-from kdtrain.data import TensorSet
+from kdtrain.data import StreamSet, TensorSet
 from kdtrain.data.augment import make_augment
+from kdtrain.data.sources import FileSource
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.losses import kd_loss
 from kdtrain.models import build_model
 from kdtrain.run import run
-from kdtrain.teacher_cache import META, TeacherCache, cache_file, cache_identity, cache_key, obtain
+from kdtrain.teacher_cache import (
+    META,
+    TeacherCache,
+    array_file,
+    cache_file,
+    cache_identity,
+    cache_key,
+    mapped_file,
+    obtain,
+)
 
 CPU = torch.device("cpu")
 PATHS = ["features.1", "auto"]  # a feature map (conv block) and the penultimate vector
@@ -351,3 +366,205 @@ def test_cuda_run_with_cache_channels_last_and_bf16(compose, tmp_path) -> None:
     off, on = _losses(tmp_path / "off"), _losses(tmp_path / "on")
     for a, b in zip(off, on):
         assert b["kd"] == pytest.approx(a["kd"], rel=2e-2)  # bf16: rounding differs with the batch size
+
+
+# --- the stream path: memory-mapped files, read by sample index ----------------------------------
+
+STREAM_DATASET = {"name": "imagefolder", "image_size": 16, "augment": False, "loader": "stream"}
+
+
+def _stream(tmp_path: Path, n: int = 23) -> StreamSet:
+    """A tiny StreamSet: n PNG/JPEG files of 20x18 px in 10 classes (every third one a JPEG)."""
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    files, labels = [], []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (18, 20, 3), dtype=torch.uint8, generator=g).numpy()
+        files.append(folder / f"{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
+        Image.fromarray(pixels).save(files[-1])
+        labels.append(i % 10)
+    return StreamSet(FileSource(files, labels), torch.arange(n), torch.tensor(labels))
+
+
+@pytest.fixture
+def stream_batches(monkeypatch):
+    """Until kdtrain.data.batches lands: a minimal reader of a StreamSet (resize to 16 px, normalise)."""
+    real = teacher_cache._input_batches
+
+    def batches(train, batch_size, device):
+        if not isinstance(train, StreamSet):
+            yield from real(train, batch_size, device)
+            return
+        for start in range(0, len(train), batch_size):
+            rows = train.rows[start : start + batch_size]
+            x = torch.stack(
+                [
+                    torch.from_numpy(np.array(train.source.read(int(r)).convert("RGB").resize((16, 16)))).permute(
+                        2, 0, 1
+                    )
+                    for r in rows
+                ]
+            )
+            yield (x.float() / 255 - 0.5) / 0.25, torch.arange(start, start + len(rows), device=device)
+
+    monkeypatch.setattr(teacher_cache, "_input_batches", batches)
+    return batches
+
+
+def _rgb_teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model({"name": "cnn", "width": 8, "hidden": 16}, 10, (3, 16, 16), "teacher").eval()
+
+
+def _counted(teacher: nn.Module) -> list[int]:
+    """A list whose length counts the teacher's forward passes."""
+    calls: list[int] = []
+    teacher.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    return calls
+
+
+def _stream_args(teacher: nn.Module, data: StreamSet, cache_dir: Path, **changes) -> dict:
+    return {**_obtain_args(teacher, data, cache_dir, PATHS), "dataset_cfg": STREAM_DATASET, **changes}
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("float16", 1e-3)])
+def test_stream_cache_is_built_once_reused_and_equals_the_teacher(
+    tmp_path: Path, caplog, stream_batches, dtype, tol
+) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path)
+    calls = _counted(teacher)
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    args = _stream_args(teacher, data, tmp_path / "cache", dtype=dtype)
+    first = obtain("auto", **args)
+    assert sum(calls) == len(data) and "memory-mapped in" in caplog.text and "teacher cache: wrote" in caplog.text
+    sidecar = mapped_file(tmp_path / "cache", first.key)
+    assert {p.name for p in sidecar.parent.iterdir() if not p.name.startswith(".")} == {
+        sidecar.name,
+        array_file(sidecar, "feature.0").name,
+        array_file(sidecar, "feature.1").name,
+        array_file(sidecar, "logits").name,
+    }
+    assert not list(sidecar.parent.glob("*.tmp"))  # the temporary files were moved into place
+    assert first.logits.dtype == getattr(torch, dtype) and first.logits.device.type == "cpu"
+
+    calls.clear()
+    caplog.clear()
+    cache = obtain("disk", **args)  # disk and auto share the stream path's files
+    assert calls == [] and "teacher cache: reusing" in caplog.text and cache.key == first.key
+
+    # Lookups by sample index equal a live forward pass of the teacher on the same inputs.
+    idx = torch.tensor([22, 0, 7, 13, 7])
+    inputs = torch.cat([x for x, _ in stream_batches(data, 5, CPU)])
+    want_logits, want_feats = _direct(teacher, inputs[idx], PATHS)
+    logits, feats = cache.lookup(idx)
+    assert logits.dtype == torch.float32 and [f.shape for f in feats] == [f.shape for f in want_feats]
+    torch.testing.assert_close(logits, want_logits, rtol=tol, atol=tol)
+    for got, want in zip(feats, want_feats):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_stream_cache_is_memory_mapped_not_loaded(tmp_path: Path, stream_batches) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path)
+    key = obtain("auto", **_stream_args(teacher, data, tmp_path / "cache")).key
+    sidecar = mapped_file(tmp_path / "cache", key)
+    cache = TeacherCache.load_mapped(sidecar, key)
+    # The tensor's memory is the file's mapping (/proc/self/maps), not a copy read into memory.
+    logits_file = str(array_file(sidecar, "logits"))
+    spans = [
+        [int(a, 16) for a in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(logits_file)
+    ]
+    assert any(lo <= cache.logits.data_ptr() < hi for lo, hi in spans), spans
+    assert cache.logits.shape == (len(data), 10)
+
+
+def test_stream_cache_damaged_or_stale_files_are_rebuilt(tmp_path: Path, caplog, stream_batches) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path)
+    calls = _counted(teacher)
+    args = _stream_args(teacher, data, tmp_path / "cache")
+    first = obtain("auto", **args)
+    sidecar = mapped_file(tmp_path / "cache", first.key)
+    logits_file = array_file(sidecar, "logits")
+    good_logits, good_sidecar = logits_file.read_bytes(), sidecar.read_bytes()
+    want = first.lookup(torch.arange(len(data)))[0].clone()
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    damaged = {
+        "a flipped byte": (logits_file, good_logits[:-5] + bytes([good_logits[-5] ^ 0xFF]) + good_logits[-4:]),
+        "a truncated array": (logits_file, good_logits[: len(good_logits) // 2]),
+        "a missing array": (logits_file, None),
+        "a torn sidecar": (sidecar, good_sidecar[:40]),
+        "another key's sidecar": (sidecar, good_sidecar.replace(first.key.encode(), b"0" * 64)),
+    }
+    for why, (file, content) in damaged.items():
+        file.unlink()
+        if content is not None:
+            file.write_bytes(content)
+        calls.clear()
+        caplog.clear()
+        rebuilt = obtain("auto", **args)
+        assert "rebuilding it" in caplog.text and "teacher cache: wrote" in caplog.text, why
+        assert sum(calls) == len(data), why
+        assert torch.equal(rebuilt.lookup(torch.arange(len(data)))[0], want), why
+        assert logits_file.read_bytes() == good_logits, why
+
+    # A killed build's temporary files are removed by the next build of the key.
+    (tmp_path / "cache" / f".{logits_file.name}.999.tmp").write_bytes(b"partial")
+    sidecar.unlink()
+    obtain("auto", **args)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_stream_cache_key_follows_the_images_rows_and_transform(tmp_path: Path) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path)
+    base = cache_key(_identity(teacher, data, dataset_cfg=STREAM_DATASET))
+    changed = {
+        "rows": cache_key(_identity(teacher, data.subset(torch.arange(22)), dataset_cfg=STREAM_DATASET)),
+        "image size": cache_key(_identity(teacher, data, dataset_cfg={**STREAM_DATASET, "image_size": 32})),
+        "float16": cache_key(_identity(teacher, data, dataset_cfg=STREAM_DATASET, dtype="float16")),
+    }
+    # Workers and the memory budget change how fast images are read, not the inputs: the same key.
+    assert cache_key(_identity(teacher, data, dataset_cfg={**STREAM_DATASET, "workers": 7})) == base
+    data.source.files[3].write_bytes(data.source.files[0].read_bytes())  # one image replaced
+    changed["an image"] = cache_key(_identity(teacher, data, dataset_cfg=STREAM_DATASET))
+    assert all(key != base for key in changed.values()), [k for k, v in changed.items() if v == base]
+
+
+def test_stream_policies_under_augmentation(tmp_path: Path, caplog) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path, 5)
+    augmented = {**STREAM_DATASET, "augment": True}
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    assert obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented)) is None
+    assert "randomly augmented so the teacher runs every step (dataset.augment=false" in caplog.text
+    with pytest.raises(
+        UserError, match="teacher_cache=disk needs deterministic training inputs.*dataset.augment=false"
+    ):
+        obtain("disk", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented))
+    with pytest.raises(UserError, match="teacher_cache_views=2 replays crops of images held in memory"):
+        obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented, views=2))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_stream_cache_that_cannot_be_written_runs_the_teacher(
+    tmp_path: Path, caplog, monkeypatch, stream_batches
+) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path, 5)
+    folder = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="kdtrain")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)  # the files are reserved before the teacher fills them
+    assert obtain("auto", **_stream_args(teacher, data, folder)) is None
+    assert "its file system is full" in caplog.text and "the teacher runs every step" in caplog.text
+    assert not [p for p in folder.iterdir() if p.suffix != ".lock"]  # no partial file left
+
+    def read_only(path: Path, what: str):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    caplog.clear()
+    monkeypatch.setattr(teacher_cache, "file_lock", read_only)
+    assert obtain("auto", **_stream_args(teacher, data, folder)) is None
+    assert "not writable" in caplog.text and "the teacher runs every step" in caplog.text
