@@ -531,8 +531,11 @@ def test_stream_cache_key_follows_the_images_rows_and_transform(tmp_path: Path) 
     assert all(key != base for key in changed.values()), [k for k, v in changed.items() if v == base]
 
 
-def test_stream_policies_under_augmentation(tmp_path: Path, caplog) -> None:
+def test_stream_policies(tmp_path: Path, caplog, stream_batches) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path, 5)
+    assert obtain("off", **_stream_args(teacher, data, tmp_path / "cache")) is None
+    in_memory = obtain("memory", **_stream_args(teacher, data, tmp_path / "cache"))
+    assert in_memory.logits.shape == (5, 10) and not (tmp_path / "cache").exists()  # memory writes no file
     augmented = {**STREAM_DATASET, "augment": True}
     caplog.set_level(logging.INFO, logger="kdtrain")
     assert obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented)) is None
