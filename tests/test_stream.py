@@ -19,6 +19,7 @@ from kdtrain.data.batches import make_batches
 from kdtrain.engine import Interrupted, stop_on_signals
 from kdtrain.errors import UserError
 from kdtrain.run import run
+from kdtrain.rundir import read_meta
 from tests._dataset_files import write_imagefolder
 from tests.conftest import run_cli
 from tests.test_datasets import dcfg
@@ -92,6 +93,19 @@ def test_stream_evaluation_is_resize_and_centre_crop(folder):
     mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
     got = next(make_batches(data, 4, CPU, shuffle=False).epoch())[0][0]
     assert torch.allclose(got, (want - mean) / std, atol=1e-5)
+
+
+def test_predict_preprocesses_as_the_stream_evaluation(folder):
+    from kdtrain.predict import load_image, preprocessing_spec
+
+    data = _stream(folder, workers=0, augment=False)
+    x = next(make_batches(data, 4, CPU, shuffle=False).epoch())[0]
+    # A stream-trained student records crop 0.875 (run.py): kdtrain-predict and model.json then resize to cover
+    # 18 x 18 and centre-crop 16 x 16, as the evaluation did (PIL's resize vs torchvision's: within 1 / 255).
+    spec = preprocessing_spec((3, 16, 16), data.mean, data.std, crop=0.875)
+    assert spec["crop"] == 0.875 and "covers 18 x 18" in spec["steps"][1]
+    for i in range(4):
+        assert (load_image(data.source.files[i], spec) - x[i]).abs().max() < 1.5 / 255 / min(data.std)
 
 
 def test_loader_auto_streams_a_split_over_the_budget(folder, caplog):
@@ -186,6 +200,7 @@ def test_a_folder_over_the_memory_budget_trains_end_to_end_through_the_cli(tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["student"]["bad_images"] == 1
     assert "bad_images" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert read_meta(run_dir / "student.safetensors")["crop"] == 0.875  # what kdtrain-predict resizes by
 
 
 def _free_port() -> int:
