@@ -18,7 +18,8 @@ from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
 from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
 from kdtrain.config import Amp
-from kdtrain.data import Splits, build_dataset
+from kdtrain.data import Splits, StreamSet, build_dataset
+from kdtrain.data.batches import EVAL_CROP
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -89,7 +90,11 @@ def _spec(cfg: DictConfig, label: str, checkpoint_dir: Path | None, extra: dict[
 def _extra_columns(cfg: DictConfig, terms: list[str]) -> list[str]:
     """Metrics columns after the fixed ones: a column per loss term beyond ce, kd, feat, then the rest."""
     own = [t for t in terms if t not in LEGACY_COLUMNS]
-    return own + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
+    return (
+        own
+        + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
+        + (["bad_images"] if cfg.dataset.bad_images == "skip" else [])
+    )
 
 
 def _epoch_sink(
@@ -221,6 +226,8 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             "std": splits.std,
             "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
         }
+        if isinstance(splits.val, StreamSet):  # evaluated at image_size / 0.875, centre-cropped: predict does so too
+            meta["crop"] = EVAL_CROP
         save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
     baseline = None
     if cfg.baseline and cfg.mode.value != "none":
@@ -249,6 +256,9 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             "last_val_acc": result["last_val_acc"],
             "agreement": last["agreement"],
             "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result["history"]),
+            # bad_images=skip: images that could not be read: left out (memory path), or training images
+            # replaced in their batches (stream path; an epoch reads each sample once)
+            "bad_images": splits.left_out + max(int(row.get("bad_images", 0)) for row in result["history"]),
             "labelled": int((splits.train.y >= 0).sum()),
             "collapsed": watch.epoch is not None,
         },

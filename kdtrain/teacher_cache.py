@@ -64,7 +64,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdtrain.checkpoint import atomic_write, save_weights
-from kdtrain.data import StreamSet, TensorSet
+from kdtrain.data import StreamSet, TensorSet, data_identity
+from kdtrain.data.batches import make_batches
 from kdtrain.errors import UserError, WriteError, write_error
 from kdtrain.features import Capture
 from kdtrain.locks import file_lock
@@ -139,7 +140,7 @@ def cache_identity(
             "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
             "weights": weights_digest(teacher),
         },
-        "dataset": {k: v for k, v in sorted(dataset_cfg.items()) if k not in NOT_INPUT_KEYS},
+        "dataset": {k: v for k, v in sorted(data_identity(dataset_cfg).items()) if k not in NOT_INPUT_KEYS},
         "split": "train",
         "inputs": _inputs_identity(train),
         "augment": None if views == 0 else {"views": views, "seed": VIEW_SEED, **_augment_params(augment)},
@@ -160,23 +161,12 @@ def _inputs_identity(train: TensorSet | StreamSet) -> dict[str, Any]:
             "loader": "stream",
             "source": train.source.fingerprint(),
             "rows": tensor_digest([("rows", train.rows)]),
+            "transform": train.transform(),
         }
-    return {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])}
-
-
-def _input_batches(
-    train: TensorSet | StreamSet, batch_size: int, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs on `device`, their sample indices) over `train` in order, as training sees them."""
-    if isinstance(train, StreamSet):
-        from kdtrain.data.batches import make_batches
-
-        for x, _, idx in make_batches(train, batch_size, device, shuffle=False).epoch():
-            yield x, idx
-        return
-    for start in range(0, len(train), batch_size):
-        x = train.x[start : start + batch_size]
-        yield x.to(device, non_blocking=True), torch.arange(start, start + len(x), device=device)
+    inputs = {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])}
+    if train.mean is not None:  # uint8 pixels, normalised per batch
+        inputs["normalise"] = {"mean": list(train.mean), "std": list(train.std)}
+    return inputs
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -302,7 +292,8 @@ class TeacherCache:
         ]
         store: dict[str, Tensor] = {}
         try:
-            for x, idx in _input_batches(train, batch_size, device):
+            # In order, as training reads them: a stream's deterministic transform, uint8 pixels normalised.
+            for x, _, idx in make_batches(train, batch_size, device, shuffle=False).epoch():
                 for v in range(k_views):
                     xin = augment.at(x, *cache.view_params(idx, torch.full_like(idx, v))) if views else x
                     if channels_last and xin.dim() == 4:
@@ -598,8 +589,8 @@ def obtain(
             f"teacher_cache_views={views} caches augmented views, but this run's training inputs are not "
             "augmented (dataset.augment=false, or a dataset without augmentation); set teacher_cache_views=0"
         )
-    # A stream decodes a fresh random crop per sample and step (dataset.augment) instead of `augment` on the device.
-    if (augment is not None or (stream and dataset_cfg.get("augment"))) and not views:
+    # An augmented stream decodes a fresh random crop per sample and step, instead of `augment` on the device.
+    if (augment is not None or (stream and train.augment)) and not views:
         if policy == "auto":
             log.info(
                 "teacher cache: off, the training inputs are randomly augmented so the teacher runs every step (%s)",

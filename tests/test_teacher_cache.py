@@ -3,13 +3,13 @@ float16 and top-k storage within tolerance, replayable augmented views."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +20,7 @@ from kdtrain import teacher_cache
 from kdtrain.config import validate
 from kdtrain.data import StreamSet, TensorSet
 from kdtrain.data.augment import make_augment
+from kdtrain.data.batches import make_batches
 from kdtrain.data.sources import FileSource
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -36,6 +37,7 @@ from kdtrain.teacher_cache import (
     mapped_file,
     obtain,
 )
+from tests._dataset_files import write_imagefolder
 
 CPU = torch.device("cpu")
 PATHS = ["features.1", "auto"]  # a feature map (conv block) and the penultimate vector
@@ -373,7 +375,7 @@ def test_cuda_run_with_cache_channels_last_and_bf16(compose, tmp_path) -> None:
 STREAM_DATASET = {"name": "imagefolder", "image_size": 16, "augment": False, "loader": "stream"}
 
 
-def _stream(tmp_path: Path, n: int = 23) -> StreamSet:
+def _stream(tmp_path: Path, n: int = 23, augment: bool = False) -> StreamSet:
     """A tiny StreamSet: n PNG/JPEG files of 20x18 px in 10 classes (every third one a JPEG)."""
     g = torch.Generator().manual_seed(0)
     folder = tmp_path / "images"
@@ -384,32 +386,7 @@ def _stream(tmp_path: Path, n: int = 23) -> StreamSet:
         files.append(folder / f"{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
         Image.fromarray(pixels).save(files[-1])
         labels.append(i % 10)
-    return StreamSet(FileSource(files, labels), torch.arange(n), torch.tensor(labels))
-
-
-@pytest.fixture
-def stream_batches(monkeypatch):
-    """Until kdtrain.data.batches lands: a minimal reader of a StreamSet (resize to 16 px, normalise)."""
-    real = teacher_cache._input_batches
-
-    def batches(train, batch_size, device):
-        if not isinstance(train, StreamSet):
-            yield from real(train, batch_size, device)
-            return
-        for start in range(0, len(train), batch_size):
-            rows = train.rows[start : start + batch_size]
-            x = torch.stack(
-                [
-                    torch.from_numpy(np.array(train.source.read(int(r)).convert("RGB").resize((16, 16)))).permute(
-                        2, 0, 1
-                    )
-                    for r in rows
-                ]
-            )
-            yield (x.float() / 255 - 0.5) / 0.25, torch.arange(start, start + len(rows), device=device)
-
-    monkeypatch.setattr(teacher_cache, "_input_batches", batches)
-    return batches
+    return StreamSet(FileSource(files, labels), torch.arange(n), torch.tensor(labels), size=16, augment=augment)
 
 
 def _rgb_teacher() -> nn.Module:
@@ -429,9 +406,7 @@ def _stream_args(teacher: nn.Module, data: StreamSet, cache_dir: Path, **changes
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("float16", 1e-3)])
-def test_stream_cache_is_built_once_reused_and_equals_the_teacher(
-    tmp_path: Path, caplog, stream_batches, dtype, tol
-) -> None:
+def test_stream_cache_is_built_once_reused_and_equals_the_teacher(tmp_path: Path, caplog, dtype, tol) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path)
     calls = _counted(teacher)
     caplog.set_level(logging.INFO, logger="kdtrain")
@@ -455,7 +430,7 @@ def test_stream_cache_is_built_once_reused_and_equals_the_teacher(
 
     # Lookups by sample index equal a live forward pass of the teacher on the same inputs.
     idx = torch.tensor([22, 0, 7, 13, 7])
-    inputs = torch.cat([x for x, _ in stream_batches(data, 5, CPU)])
+    inputs = torch.cat([x for x, _, _ in make_batches(data, 5, CPU, shuffle=False).epoch()])
     want_logits, want_feats = _direct(teacher, inputs[idx], PATHS)
     logits, feats = cache.lookup(idx)
     assert logits.dtype == torch.float32 and [f.shape for f in feats] == [f.shape for f in want_feats]
@@ -464,7 +439,7 @@ def test_stream_cache_is_built_once_reused_and_equals_the_teacher(
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_stream_cache_is_memory_mapped_not_loaded(tmp_path: Path, stream_batches) -> None:
+def test_stream_cache_is_memory_mapped_not_loaded(tmp_path: Path) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path)
     key = obtain("auto", **_stream_args(teacher, data, tmp_path / "cache")).key
     sidecar = mapped_file(tmp_path / "cache", key)
@@ -480,7 +455,7 @@ def test_stream_cache_is_memory_mapped_not_loaded(tmp_path: Path, stream_batches
     assert cache.logits.shape == (len(data), 10)
 
 
-def test_stream_cache_damaged_or_stale_files_are_rebuilt(tmp_path: Path, caplog, stream_batches) -> None:
+def test_stream_cache_damaged_or_stale_files_are_rebuilt(tmp_path: Path, caplog) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path)
     calls = _counted(teacher)
     args = _stream_args(teacher, data, tmp_path / "cache")
@@ -523,6 +498,7 @@ def test_stream_cache_key_follows_the_images_rows_and_transform(tmp_path: Path) 
         "rows": cache_key(_identity(teacher, data.subset(torch.arange(22)), dataset_cfg=STREAM_DATASET)),
         "image size": cache_key(_identity(teacher, data, dataset_cfg={**STREAM_DATASET, "image_size": 32})),
         "float16": cache_key(_identity(teacher, data, dataset_cfg=STREAM_DATASET, dtype="float16")),
+        "transform": cache_key(_identity(teacher, dataclasses.replace(data, size=24), dataset_cfg=STREAM_DATASET)),
     }
     # Workers and the memory budget change how fast images are read, not the inputs: the same key.
     assert cache_key(_identity(teacher, data, dataset_cfg={**STREAM_DATASET, "workers": 7})) == base
@@ -531,27 +507,31 @@ def test_stream_cache_key_follows_the_images_rows_and_transform(tmp_path: Path) 
     assert all(key != base for key in changed.values()), [k for k, v in changed.items() if v == base]
 
 
-def test_stream_policies(tmp_path: Path, caplog, stream_batches) -> None:
+def test_stream_policies(tmp_path: Path, caplog) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path, 5)
     assert obtain("off", **_stream_args(teacher, data, tmp_path / "cache")) is None
     in_memory = obtain("memory", **_stream_args(teacher, data, tmp_path / "cache"))
     assert in_memory.logits.shape == (5, 10) and not (tmp_path / "cache").exists()  # memory writes no file
-    augmented = {**STREAM_DATASET, "augment": True}
+    # Under RandomResizedCrop + flip (dataset.augment=true) the teacher runs every step.
+    augmented = _stream_args(
+        teacher,
+        dataclasses.replace(data, augment=True),
+        tmp_path / "cache",
+        dataset_cfg={**STREAM_DATASET, "augment": True},
+    )
     caplog.set_level(logging.INFO, logger="kdtrain")
-    assert obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented)) is None
+    assert obtain("auto", **augmented) is None
     assert "randomly augmented so the teacher runs every step (dataset.augment=false" in caplog.text
     with pytest.raises(
         UserError, match="teacher_cache=disk needs deterministic training inputs.*dataset.augment=false"
     ):
-        obtain("disk", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented))
+        obtain("disk", **augmented)
     with pytest.raises(UserError, match="teacher_cache_views=2 replays crops of images held in memory"):
-        obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", dataset_cfg=augmented, views=2))
+        obtain("auto", **{**augmented, "views": 2})
     assert not (tmp_path / "cache").exists()
 
 
-def test_stream_cache_that_cannot_be_written_runs_the_teacher(
-    tmp_path: Path, caplog, monkeypatch, stream_batches
-) -> None:
+def test_stream_cache_that_cannot_be_written_runs_the_teacher(tmp_path: Path, caplog, monkeypatch) -> None:
     teacher, data = _rgb_teacher(), _stream(tmp_path, 5)
     folder = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="kdtrain")
@@ -571,3 +551,40 @@ def test_stream_cache_that_cannot_be_written_runs_the_teacher(
     monkeypatch.setattr(teacher_cache, "file_lock", read_only)
     assert obtain("auto", **_stream_args(teacher, data, folder)) is None
     assert "not writable" in caplog.text and "the teacher runs every step" in caplog.text
+
+
+def test_a_stream_run_with_the_cache_matches_the_teacher_every_step_and_a_rerun_reuses_it(
+    compose, tmp_path, caplog
+) -> None:
+    root = tmp_path / "images"
+    write_imagefolder(root, classes=("a", "b"), per_class=(20, 4), size=(20, 16))
+    args = [
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "dataset.image_size=16",
+        "dataset.loader=stream",
+        "dataset.augment=false",
+        "dataset.workers=0",
+        "batch_size=8",
+        "teacher_train.batch_size=8",
+        "baseline=false",
+        "epochs=1",
+        "mode=combined",
+        "feature.pairs=[{student: auto, teacher: auto}]",
+        f"teacher_cache_dir={tmp_path / 'cache'}",
+    ]
+    caplog.set_level(logging.INFO, logger="kdtrain")
+    run(compose(*args, "teacher_cache=off"), tmp_path / "off")
+    assert "teacher cache" not in caplog.text
+    run(compose(*args), tmp_path / "auto")
+    assert "memory-mapped in" in caplog.text and "teacher cache: wrote" in caplog.text
+    (off,), (cached,) = _losses(tmp_path / "off"), _losses(tmp_path / "auto")
+    for key in LOSS_COLUMNS:
+        assert cached[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+    assert cached["val_acc"] == off["val_acc"] and cached["train_acc"] == off["train_acc"]
+    assert cached["kd"] > 0 and cached["feat"] > 0
+    caplog.clear()
+    run(compose(*args, "seed=1"), tmp_path / "again")
+    assert "teacher cache: reusing" in caplog.text and "computed once" not in caplog.text
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())["teacher_cache"]
+    assert summary["policy"] == "auto" and (tmp_path / "cache" / f"teacher-{summary['key'][:24]}.json").is_file()
