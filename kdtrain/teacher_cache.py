@@ -291,6 +291,7 @@ class TeacherCache:
             f"feature.{i}" for i in range(len(feature_paths))
         ]
         store: dict[str, Tensor] = {}
+        written = torch.zeros(n, dtype=torch.bool, device=device)
         try:
             # In order, as training reads them: a stream's deterministic transform, uint8 pixels normalised.
             for x, _, idx in make_batches(train, batch_size, device, shuffle=False).epoch():
@@ -315,6 +316,7 @@ class TeacherCache:
                         held = store[name]
                         held[rows.to(held.device)] = value.to(held.device)
                     cache.num_classes = out.shape[1]
+                written[idx] = True
         finally:
             if capture is not None:
                 capture.remove()
@@ -324,6 +326,9 @@ class TeacherCache:
             store.get(k) for k in ("topk_values", "topk_indices", "topk_fill")
         )
         cache.features = [store[f"feature.{i}"] for i in range(len(feature_paths))]
+        unread = n - int(written.sum())
+        if unread:  # bad_images=skip replaced them in their batches, as training will (their rows are never read)
+            log.warning("teacher cache: %d of %d training images could not be read; their rows stay empty", unread, n)
         return cache
 
     @staticmethod

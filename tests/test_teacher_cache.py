@@ -588,3 +588,15 @@ def test_a_stream_run_with_the_cache_matches_the_teacher_every_step_and_a_rerun_
     assert "teacher cache: reusing" in caplog.text and "computed once" not in caplog.text
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())["teacher_cache"]
     assert summary["policy"] == "auto" and (tmp_path / "cache" / f"teacher-{summary['key'][:24]}.json").is_file()
+
+
+def test_stream_cache_with_bad_images_skipped_says_which_rows_are_empty(tmp_path: Path, caplog) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path, 6)
+    data.source.files[4].write_bytes(b"not an image")
+    skip = dataclasses.replace(data, bad_images="skip")
+    caplog.set_level(logging.WARNING, logger="kdtrain")
+    cache = obtain("auto", **_stream_args(teacher, skip, tmp_path / "cache"))
+    assert "teacher cache: 1 of 6 training images could not be read; their rows stay empty" in caplog.text
+    good = torch.tensor([0, 1, 2, 3, 5])
+    inputs = torch.cat([x for x, _, _ in make_batches(skip, 6, CPU, shuffle=False).epoch()])  # row 4: a copy
+    torch.testing.assert_close(cache.lookup(good)[0], _direct(teacher, inputs[good], [])[0], rtol=1e-5, atol=1e-5)
