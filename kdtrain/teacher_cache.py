@@ -25,12 +25,13 @@ cache is built by iterating the training batches in order and written straight i
 (`teacher_cache=auto` or `disk`; `memory` keeps it on the device as above). Training reads each batch's
 rows by sample index and copies only those to the device: the cache is never loaded whole, and under
 torchrun every rank maps the same file (one copy in the page cache). Why `.npy` and not safetensors:
-`np.load(mmap_mode=..., allow_pickle=False)` maps a plain array (no code runs) that a fancy index reads
-row by row, and numpy writes it in place batch by batch; safetensors' loaders copy a tensor whole (or a
-contiguous slice), which is what this path avoids. Teacher features are cached the same way as the
-logits: without them the teacher would run every step anyway, and on disk they cost disk, not memory
-(a 7x7x512 map is 50 KB per sample in float16). The files are preallocated, so a cache that does not
-fit on the disk fails at once (logged: the teacher then runs every step) instead of midway.
+numpy writes a memory-mapped `.npy` in place, batch by batch (`open_memmap`), so the build never holds
+the cache in memory, where safetensors writes a file from whole tensors; and `np.load(mmap_mode=...,
+allow_pickle=False)` is a documented mapping of a plain array (no code runs) that a fancy index reads row
+by row. Teacher features are cached the same way as the logits: without them the teacher would run
+every step anyway, and on disk they cost disk, not memory (a 7x7x512 map is 50 KB per sample in
+float16). The files are preallocated, so a cache that does not fit on the disk fails at once (logged:
+the teacher then runs every step) instead of midway.
 
 The key is the sha256 of everything that decides the cached values: the teacher's class and weights
 (every tensor's bytes), the dataset config (minus the keys that change labels or speed only: see
