@@ -8,6 +8,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -600,3 +602,60 @@ def test_stream_cache_with_bad_images_skipped_says_which_rows_are_empty(tmp_path
     good = torch.tensor([0, 1, 2, 3, 5])
     inputs = torch.cat([x for x, _, _ in make_batches(skip, 6, CPU, shuffle=False).epoch()])  # row 4: a copy
     torch.testing.assert_close(cache.lookup(good)[0], _direct(teacher, inputs[good], [])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~30 s: three processes
+def test_torchrun_ranks_reuse_the_stream_cache_and_match_one_process(tmp_path) -> None:
+    """One process builds the stream path's cache; under torchrun both ranks map the same files (neither
+    reads the training set a second time to rebuild it) and train as the one process did."""
+    from tests.test_resume import rows
+    from tests.test_stream import _free_port
+
+    root = tmp_path / "images"
+    write_imagefolder(root, classes=("a", "b"), per_class=(20, 4), size=(20, 16))
+    common = [
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "dataset.image_size=16",
+        "dataset.loader=stream",
+        "dataset.augment=false",
+        "dataset.workers=1",
+        "teacher_train.batch_size=8",
+        "baseline=false",
+        "epochs=2",
+        "teacher_train.epochs=1",
+        "progress=off",
+        f"teacher_store={tmp_path / 'teachers'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("HYDRA_FULL_ERROR", None)
+    probe = ["-m", "tests._read_probe", *common]
+    single = subprocess.run(
+        [sys.executable, *probe, "batch_size=8", f"hydra.run.dir={tmp_path / 'single'}"],
+        env={**env, "KDTRAIN_TEST_READS": str(tmp_path / "single-reads")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "teacher cache: wrote" in single.stderr + single.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2"]
+    ddp = subprocess.run(
+        [*torchrun, "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *probe, "batch_size=4"]
+        + [f"hydra.run.dir={tmp_path / 'ddp'}"],
+        env={**env, "KDTRAIN_TEST_READS": str(tmp_path / "reads")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "teacher cache: reusing" in ddp.stderr + ddp.stdout  # rank 0's log (the other ranks log nothing)
+    for rank in (0, 1):  # 2 epochs x its 20 of the 40 training images: no read to build a cache
+        reads = (tmp_path / f"reads.{rank}").read_text().splitlines()
+        assert len([p for p in reads if "/train/" in p]) == 40, rank
+    for a, b in zip(rows(tmp_path / "ddp"), rows(tmp_path / "single"), strict=True):
+        for key in ("loss", "ce", "kd"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), key
+        assert a["val_acc"] == b["val_acc"]
