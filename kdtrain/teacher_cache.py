@@ -154,8 +154,9 @@ def cache_identity(
 
 
 def _inputs_identity(train: TensorSet | StreamSet) -> dict[str, Any]:
-    """What decides the training inputs: their bytes in memory; on the stream path, where the pixels are read
-    at every epoch, the images' identity (their fingerprint: no pixel is read), the sample rows and the loader."""
+    """What decides the training inputs: their bytes in memory (and the normalisation of uint8 pixels); on the
+    stream path, where the pixels are read at every epoch, the images' identity (their fingerprint: no pixel
+    is read), the sample rows and the transform settings."""
     if isinstance(train, StreamSet):
         return {
             "n": len(train),
@@ -432,20 +433,22 @@ class TeacherCache:
         except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8 or not JSON
             first = (str(e).splitlines() or [type(e).__name__])[0][:120]
             raise UserError(f"{what} is unreadable ({first}): it is truncated or corrupt") from None
-        if (
-            not isinstance(meta, dict)
-            or not {"key", "identity", "num_classes", "features", "sha256"} <= set(meta)
-            or not isinstance(meta["sha256"], dict)
-        ):
-            raise UserError(f"{what} is not a kdtrain teacher cache (no key, identity or checksums)")
+        try:  # a sidecar that does not hold these is not one kdtrain wrote
+            n_feat, rows, num_classes = (
+                int(v) for v in (meta["features"], meta["identity"]["inputs"]["n"], meta["num_classes"])
+            )
+            names = _needed(meta["identity"], n_feat)
+            if not isinstance(meta["key"], str) or not isinstance(meta["sha256"], dict):
+                raise TypeError
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{what} is not a kdtrain teacher cache (no key, identity or checksums)") from None
         if key is not None and meta["key"] != key:
             raise UserError(
                 f"{what} holds the cache of another teacher, dataset or setting (key {meta['key'][:12]}, "
                 f"expected {key[:12]})"
             )
-        n_feat, rows = int(meta["features"]), int(meta["identity"]["inputs"]["n"])
         tensors = {}
-        for name in _needed(meta["identity"], n_feat):
+        for name in names:
             file = array_file(path, name)
             try:
                 with open(file, "rb") as f:
@@ -462,7 +465,7 @@ class TeacherCache:
                 raise UserError(f"{what} is incomplete ({file.name} holds {array.shape[0]} rows, not {rows})")
             tensors[name] = torch.from_numpy(array)
         return cls(
-            num_classes=int(meta["num_classes"]),
+            num_classes=num_classes,
             key=meta["key"],
             identity=meta["identity"],
             logits=tensors.get("logits"),

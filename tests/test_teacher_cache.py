@@ -473,6 +473,7 @@ def test_stream_cache_damaged_or_stale_files_are_rebuilt(tmp_path: Path, caplog)
         "a missing array": (logits_file, None),
         "a torn sidecar": (sidecar, good_sidecar[:40]),
         "another key's sidecar": (sidecar, good_sidecar.replace(first.key.encode(), b"0" * 64)),
+        "JSON, not a sidecar": (sidecar, b'{"key": 1, "identity": []}'),
     }
     for why, (file, content) in damaged.items():
         file.unlink()
