@@ -660,3 +660,19 @@ def test_torchrun_ranks_reuse_the_stream_cache_and_match_one_process(tmp_path) -
         for key in ("loss", "ce", "kd"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), key
         assert a["val_acc"] == b["val_acc"]
+
+
+@pytest.mark.gpu
+def test_stream_cache_on_cuda_stays_on_the_host_and_looks_up_to_the_device(tmp_path: Path) -> None:
+    cuda = torch.device("cuda")
+    teacher, data = _rgb_teacher().to(cuda), _stream(tmp_path)
+    cache = obtain("auto", **_stream_args(teacher, data, tmp_path / "cache", device=cuda))
+    assert cache.logits.device.type == "cpu"  # the mapped file, not a copy on the GPU
+    idx = torch.tensor([22, 0, 7], device=cuda)
+    logits, feats = cache.lookup(idx)
+    assert logits.device == feats[0].device == idx.device
+    inputs = torch.cat([x for x, _, _ in make_batches(data, 8, cuda, shuffle=False).epoch()])
+    want_logits, want_feats = _direct(teacher, inputs[idx], PATHS)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-3, atol=1e-3)  # cuDNN may round per batch shape
+    for got, want in zip(feats, want_feats):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
