@@ -456,7 +456,9 @@ class TeacherCache:
                 if digest != meta["sha256"].get(name):
                     raise UserError(f"{what} fails its checksum: {file.name} was changed or damaged")
                 # "c" (copy-on-write): a writable mapping, so torch takes it without a warning; the file is
-                # never written.
+                # never written. The kernel's readahead stays on: on a cold 2.4 GB cache (1.28M x 1000 float16)
+                # 100 random batches of 256 read the whole file in ~2 s, then 1.7 ms a batch; MADV_RANDOM
+                # read only their pages (143 MB) but at 21 ms a batch.
                 array = np.load(file, mmap_mode="c", allow_pickle=False)
             except (OSError, ValueError) as e:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:120]
