@@ -676,3 +676,16 @@ def test_stream_cache_on_cuda_stays_on_the_host_and_looks_up_to_the_device(tmp_p
     torch.testing.assert_close(logits, want_logits, rtol=1e-3, atol=1e-3)  # cuDNN may round per batch shape
     for got, want in zip(feats, want_feats):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_stream_topk_cache_maps_its_three_files_and_equals_the_in_memory_one(tmp_path: Path) -> None:
+    teacher, data = _rgb_teacher(), _stream(tmp_path, 9)
+    args = _stream_args(teacher, data, tmp_path / "cache", feature_paths=[], topk=3, dtype="float16")
+    key = obtain("auto", **args).key
+    sidecar = mapped_file(tmp_path / "cache", key)
+    assert all(array_file(sidecar, name).is_file() for name in ("topk_values", "topk_indices", "topk_fill"))
+    mapped = obtain("auto", **args)  # reused from the files
+    in_memory = TeacherCache.build(teacher, data, CPU, None, topk=3, fp16=True, batch_size=4)
+    idx = torch.arange(9)
+    assert mapped.topk_indices.dtype == torch.int32
+    torch.testing.assert_close(mapped.lookup(idx)[0], in_memory.lookup(idx)[0], rtol=1e-3, atol=1e-3)
