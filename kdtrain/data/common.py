@@ -173,7 +173,7 @@ def _decode_all(
     ok = torch.ones(n, dtype=torch.bool)
     plan = [[(i, 0) for i in range(start, min(start + DECODE_BATCH, n))] for start in range(0, n, DECODE_BATCH)]
     decode = Decode(source, torch.arange(n), size, channels, "square")
-    for images, idx, bad in loader(decode, plan, min(workers, len(plan)), torch.device("cpu")):
+    for images, idx, bad in loader(decode, plan, min(workers, len(plan)), torch.device("cpu"), persistent=False):
         x[idx] = images
         for i, message in zip(idx.tolist(), bad):
             if message and not skip:
