@@ -156,7 +156,7 @@ def make_optimizer(params: list[Tensor], opt: Any, lr: float) -> torch.optim.Opt
         weight_decay=opt.weight_decay,
         fused=fused or None,
     )
-    fill_momentum(sgd)
+    prepare_fused(sgd)
     return sgd
 
 
@@ -164,17 +164,24 @@ def supports_fused(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
 
 
-def fill_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Give fused SGD a zero momentum buffer for every parameter that has none. Its kernel fails on a
-    parameter without one among others that have one (a term or layer whose first gradient comes later,
-    as after FitNets' hint stage), and a first step dropped by `found_inf` would leave its buffers
-    uninitialised. With dampening 0, a zero buffer gives the same first step as torch's (buffer = gradient)."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return
+def prepare_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Make a fused optimizer's state fit its kernels (after building it, and after loading a checkpoint that
+    may come from a non-fused one).
+
+    SGD: a zero momentum buffer for every parameter that has none. The fused kernel fails on a parameter
+    without one among others that have one (a term or layer whose first gradient comes later, as after
+    FitNets' hint stage), and a first step dropped by `found_inf` would leave the buffers uninitialised.
+    With dampening 0 a zero buffer gives the same first step as torch's (buffer = gradient).
+    AdamW: the step counts live on the parameters' device (a non-fused checkpoint keeps them on the CPU)."""
     for group in optimizer.param_groups:
-        if group["fused"] and group["momentum"] != 0:
-            for p in group["params"]:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            if isinstance(optimizer, torch.optim.SGD) and group["momentum"] != 0:
                 optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -804,6 +811,7 @@ def _restore(resume: Resume, t: _Training) -> dict[str, Any] | None:
     lr = spec.lr * lr_factor(spec.scheduler, scheduler.last_epoch / steps_per_epoch, spec.epochs)
     for group, own in zip(optimizer.param_groups, recipe):
         group.update(own, initial_lr=spec.lr, lr=lr)
+    prepare_fused(optimizer)
     _set_rng_state(s["rng"], t.batches, t.device)
     t.history = [dict(row) for row in s["history"]]
     if len(t.history) != int(s["epoch"]):
