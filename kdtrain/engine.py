@@ -496,7 +496,7 @@ class _Training:
         activation alone and the layers after it never get the gradients DDP waits for. Until every term is
         on, the plain student trains and `update` averages all gradients by hand after backward (DDP's
         BatchNorm buffers are rank 0's again when it takes over); then DDP overlaps that with backward."""
-        wrap = self.ddp and not self.some_term_off(epoch)
+        wrap = self.ddp and not self.terms.some_off(epoch)
         if wrap not in self.forwards:
             forward = self.model
             if wrap:
@@ -504,9 +504,6 @@ class _Training:
             # Static shapes (dynamic=False): with the last batch dropped, one graph serves every step.
             self.forwards[wrap] = torch.compile(forward, dynamic=False) if self.spec.compile else forward
         return self.forwards[wrap]
-
-    def some_term_off(self, epoch: int) -> bool:
-        return any(s.weight > 0 and s.weight_at(epoch) == 0 for s in self.terms.specs)
 
     def step(
         self, forward: nn.Module, x: Tensor, y: Tensor, idx: Tensor, epoch: int
@@ -606,7 +603,7 @@ class _Training:
         spec, batches = self.spec, self.batches
         self.model.train()
         self.terms.train()
-        forward, by_hand = self.forward_at(epoch), self.ddp and self.some_term_off(epoch)
+        forward, by_hand = self.forward_at(epoch), self.ddp and self.terms.some_off(epoch)
         order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
         meters = Meters(self.terms.columns, self.device)
         first, skipped, seconds_before = 0, 0, 0.0
@@ -620,7 +617,7 @@ class _Training:
             batches.generator.set_state(order)
             if self.rank == 0:  # the saved sums are all ranks' together
                 meters.sums[: len(partial["sums"])] = partial["sums"].to(self.device)
-        log = _StepLog(first, 2 + 1 + len(self.terms.columns), self.device)
+        step_log = _StepLog(first, 2 + 1 + len(self.terms.columns), self.device)
         tripped = torch.zeros((), device=self.device)  # nan_policy=stop: a bad step was seen (device-side)
         start = time.perf_counter()
         show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
@@ -643,16 +640,16 @@ class _Training:
                 found_inf = tripped = torch.maximum(tripped, flags[0])
             self.update(loss, found_inf, len(idx), i, by_hand)
             meters.add(logits, y, losses, found_inf == 0)
-            log.add(flags, losses)
+            step_log.add(flags, losses)
             last = i + 1 == self.steps_per_epoch
             signalled = not self.ddp and STOP.signum is not None  # one process: seen on the host at once
-            if not (log.full or last or signalled):
+            if not (step_log.full or last or signalled):
                 continue
             if last:
                 sums = distributed.all_reduce_sum(meters.sums) if self.ddp else meters.sums
-                rows, totals = log.read(sums)
+                rows, totals = step_log.read(sums)
             else:
-                rows, _ = log.read()
+                rows, _ = step_log.read()
             bad = [s for s, row in rows if row[0]]
             if bad and spec.nan_policy != "skip":
                 bar.close()

@@ -121,3 +121,24 @@ def test_sync_bn_with_a_small_per_rank_batch_warns(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="kdtrain"):
         _sync_bn(_net(), OmegaConf.create({"sync_bn": True, "batch_size": 64}), cuda)
     assert not caplog.text
+
+
+@pytest.mark.parametrize("amp", [None, torch.float16], ids=["fused", "float16-gradscaler"])
+def test_a_flagged_step_is_dropped_on_the_device(amp):
+    """`update` with found_inf=1 leaves the weights and the optimizer state alone (float16: GradScaler sees
+    the NaN factor and also backs its scale off); with 0 it trains."""
+    spec = FitSpec(epochs=1, batch_size=32, lr=0.1, seed=0, optimizer=SGD, scheduler=COSINE)
+    t = engine._Training(_net(), _data(64), spec, torch.device("cpu"), amp, LossTerms(ce_only()), None, None, None)
+    x, y, idx = next(iter(t.batches))
+    before = [p.detach().clone() for p in t.model.parameters()]
+    momentum = [t.optimizer.state[p]["momentum_buffer"].clone() for p in t.model.parameters()]
+    scale = t.scaler.get_scale() if amp else None
+    _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
+    t.update(loss, torch.ones(()), len(y), 0, by_hand=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    assert all(torch.equal(m, t.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, t.model.parameters()))
+    if amp:
+        assert t.scaler.get_scale() == scale / 2
+    _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
+    t.update(loss, torch.zeros(()), len(y), 1, by_hand=False)
+    assert not any(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
