@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +30,22 @@ class TensorSet:
 
     def subset(self, keep: Tensor) -> TensorSet:
         return TensorSet(self.x[keep], self.y[keep])
+
+
+@dataclass
+class StreamSet:
+    """Images read from `source` on demand (the stream path; see kdtrain/data/sources.py): sample i is
+    source row `rows[i]`, with label `y[i]` (-1 marks an unlabelled sample)."""
+
+    source: Any  # kdtrain.data.sources.ImageSource
+    rows: Tensor  # int64 (N,)
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, keep: Tensor) -> StreamSet:
+        return StreamSet(self.source, self.rows[keep], self.y[keep])
 
 
 @dataclass

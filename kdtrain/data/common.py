@@ -1,17 +1,23 @@
-"""Shared steps of the image datasets: where the files are, uint8 images to normalised tensors, `Splits`."""
+"""Shared steps of the image datasets: where the files are, uint8 images to normalised tensors, `Splits`
+(from tensors, or from image sources: kdtrain/data/sources.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from PIL import Image
 from torch import Tensor
 
 from kdtrain.data import Splits, TensorSet, make_transfer_set
 from kdtrain.data.augment import make_augment
+from kdtrain.data.sources import BadImage, ImageSource, is_gray
 from kdtrain.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 CHUNK = 4096  # images converted at a time, so a resize never holds a second float copy of the dataset
 
@@ -77,3 +83,45 @@ def make_splits(
         std=list(std),
         augment=augment,
     )
+
+
+def splits_from_sources(
+    cfg: DictConfig, train: ImageSource, val: ImageSource, num_classes: int, default_size: int
+) -> Splits:
+    """Splits of images read from sources: each image scaled so its shorter side is `dataset.image_size`
+    (`default_size` when null), then centre-cropped to a square. Channels: 1 when every image is grayscale,
+    else 3 (grayscale images become RGB with equal channels); ImageNet's mean / std for 3 channels, 0.5 / 0.5
+    for 1. An image that cannot be read stops the run with its name."""
+    size = image_size(cfg, default_size)
+    loaded = [[_square(source, i, size) for i in range(len(source))] for source in (train, val)]
+    channels = 1 if all(gray for images in loaded for _, gray in images) else 3
+    mean, std = ([0.5], [0.5]) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    train_set, val_set = (
+        TensorSet(to_normalised(_stack([a for a, _ in images], channels), size, mean, std), source.labels)
+        for images, source in zip(loaded, (train, val))
+    )
+    return make_splits(cfg, train_set, val_set, num_classes, mean, std, pad=4, flip=True)
+
+
+def _square(source: ImageSource, i: int, size: int) -> tuple[np.ndarray, bool]:
+    """(uint8 array (size, size) for grayscale or (size, size, 3), is grayscale) of image i."""
+    try:
+        img = source.read(i)
+    except BadImage as e:
+        raise UserError(f"{e}; replace or delete it") from None
+    gray = is_gray(img)
+    img = img.convert("L" if gray else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8), gray
+
+
+def _stack(arrays: list[np.ndarray], channels: int) -> Tensor:
+    """uint8 (N, C, H, W) from per-image arrays; grayscale ones repeated when channels == 3."""
+    out = np.empty((len(arrays), channels, *arrays[0].shape[:2]), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # a (H, W) broadcasts over 3 channels
+    return torch.from_numpy(out)

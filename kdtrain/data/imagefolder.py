@@ -17,21 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from kdtrain.data import Splits, TensorSet, register, register_shape
-from kdtrain.data.common import dataset_root, image_size, make_splits, to_normalised
+from kdtrain.data import Splits, register, register_shape
+from kdtrain.data.common import dataset_root, image_size, splits_from_sources
+from kdtrain.data.sources import GRAY_MODES, READ_ERRORS, FileSource
 from kdtrain.errors import UserError
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-GRAY_MODES = ("L", "1")
 HOLDS = "train/ and val/ with one subfolder of images per class"
-# PIL's errors for unreadable files: OSError (incl. UnidentifiedImageError, truncated data),
-# ValueError / SyntaxError from some decoders, DecompressionBombError for absurd sizes.
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _extensions() -> tuple[str, ...]:
@@ -84,50 +78,18 @@ def _files(split_dir: Path, classes: list[str], require_each: bool) -> list[tupl
     return out
 
 
-def _load(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """(uint8 array (size, size) for grayscale or (size, size, 3), is grayscale)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            gray = img.mode in GRAY_MODES
-            img = img.convert("L" if gray else "RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8), gray
-    except READ_ERRORS as e:
-        raise UserError(
-            f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it"
-        ) from None
-
-
-def _stack(arrays: list[np.ndarray], channels: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) from per-image arrays; grayscale ones repeated when channels == 3."""
-    out = np.empty((len(arrays), channels, *arrays[0].shape[:2]), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # a (H, W) broadcasts over 3 channels
-    return torch.from_numpy(out)
-
-
 @register("imagefolder")
 def imagefolder(cfg: DictConfig) -> Splits:
     train_dir, val_dir = _split_dir(cfg, "train"), _split_dir(cfg, "val")
     classes = _classes(train_dir)
-    size = image_size(cfg, 32)
-    loaded = []
-    for split_dir, require_each in ((train_dir, True), (val_dir, False)):
-        files = _files(split_dir, classes, require_each)
-        images = [_load(path, size) for path, _ in files]
-        loaded.append((images, torch.tensor([c for _, c in files], dtype=torch.int64)))
-    channels = 1 if all(gray for images, _ in loaded for _, gray in images) else 3
-    mean, std = ([0.5], [0.5]) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-    train, val = (
-        TensorSet(to_normalised(_stack([a for a, _ in images], channels), size, mean, std), y) for images, y in loaded
-    )
-    return make_splits(cfg, train, val, len(classes), mean, std, pad=4, flip=True)
+    train, val = (folder_source(d, classes, require_each) for d, require_each in ((train_dir, True), (val_dir, False)))
+    return splits_from_sources(cfg, train, val, len(classes), default_size=32)
+
+
+def folder_source(split_dir: Path, classes: list[str], require_each: bool) -> FileSource:
+    """The images of split_dir/<class>/ as a source (class index = position in `classes`)."""
+    files = _files(split_dir, classes, require_each)
+    return FileSource([p for p, _ in files], [c for _, c in files])
 
 
 @register_shape("imagefolder")
