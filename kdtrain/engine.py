@@ -14,7 +14,8 @@ module's weights).
 
 Every epoch ends with checkpoints/last.pt holding everything to continue exactly (weights, optimizer,
 schedule, scaler, RNG states, data order, metrics history); SIGINT/SIGTERM (under `stop_on_signals`)
-end the current step and write a mid-epoch checkpoint that resumes at the next step.
+end the current step (under torchrun: the step at which all ranks next read the step log) and write a
+mid-epoch checkpoint that resumes at the next step.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class FitSpec:
         True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
     )
     channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
-    compile: bool = False  # torch.compile the student's forward pass
+    compile: bool = False  # torch.compile the student's forward pass (static shapes: the last batch is dropped)
 
 
 class DeviceBatches:
