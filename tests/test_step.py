@@ -1,5 +1,5 @@
 """The training step's GPU practice, checked on the CPU: fused optimizers (a step dropped on the device),
-the teacher cast once under autocast, compile's static shapes, the sync_bn advice."""
+the teacher cast once under autocast, compile's static shapes, the sync_bn advice, DDP while a term is off."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdtrain import distributed, engine
 from kdtrain.data import TensorSet
 from kdtrain.engine import DeviceBatches, FitSpec, TeacherSource, fit, make_optimizer
 from kdtrain.run import _sync_bn
-from kdtrain.terms import LossTerms, ce_only
+from kdtrain.terms import TERMS, LossTerms, TermSpec, ce_only
 
 SGD = SimpleNamespace(name="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4)
 ADAMW = SimpleNamespace(name="adamw", betas=[0.9, 0.999], weight_decay=0.01)
@@ -142,3 +143,25 @@ def test_a_flagged_step_is_dropped_on_the_device(amp):
     _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
     t.update(loss, torch.zeros(()), len(y), 1, by_hand=False)
     assert not any(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+
+
+def test_under_ddp_a_term_not_yet_on_trains_the_plain_student_with_gradients_averaged_by_hand(monkeypatch, tmp_path):
+    """While a term in force is off (FitNets' hint stage) DDP cannot see which parameters get gradients: the
+    plain student trains and `update` averages every gradient; DDP takes over once every term is on."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "enabled", lambda: True)
+        averaged = []
+        monkeypatch.setattr(distributed, "average_gradients", lambda params: averaged.append(len(params)))
+        late_ce = TermSpec(TERMS["ce"], None, 1.0, start_epoch=2)
+        spec = FitSpec(epochs=2, batch_size=32, lr=0.1, seed=0, optimizer=SGD, scheduler=COSINE)
+        model = _net()
+        t = engine._Training(model, _data(64), spec, torch.device("cpu"), None, LossTerms([late_ce]), None, None, None)
+        assert t.ddp and t.forward_at(1) is model
+        assert isinstance(t.forward_at(2), DDP) and t.forward_at(2).module is model
+        x, y, _ = next(iter(t.batches))
+        loss = nn.functional.cross_entropy(t.forward_at(1)(x), y)
+        t.update(loss, torch.zeros(()), len(y), 0, by_hand=True)
+        assert averaged == [len(list(model.parameters()))]  # every parameter, by hand
+    finally:
+        torch.distributed.destroy_process_group()
