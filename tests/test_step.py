@@ -124,25 +124,33 @@ def test_sync_bn_with_a_small_per_rank_batch_warns(monkeypatch, caplog):
     assert not caplog.text
 
 
-@pytest.mark.parametrize("amp", [None, torch.float16], ids=["fused", "float16-gradscaler"])
-def test_a_flagged_step_is_dropped_on_the_device(amp):
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v.clone() for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize(
+    ("opt", "amp"), [(SGD, None), (ADAMW, None), (SGD, torch.float16)], ids=["sgd", "adamw", "sgd-float16-gradscaler"]
+)
+def test_a_flagged_step_is_dropped_on_the_device(opt, amp):
     """`update` with found_inf=1 leaves the weights and the optimizer state alone (float16: GradScaler sees
     the NaN factor and also backs its scale off); with 0 it trains."""
-    spec = FitSpec(epochs=1, batch_size=32, lr=0.1, seed=0, optimizer=SGD, scheduler=COSINE)
+    spec = FitSpec(epochs=10, batch_size=32, lr=0.1, seed=0, optimizer=opt, scheduler=COSINE)  # lr > 0 throughout
     t = engine._Training(_net(), _data(64), spec, torch.device("cpu"), amp, LossTerms(ce_only()), None, None, None)
     x, y, idx = next(iter(t.batches))
-    before = [p.detach().clone() for p in t.model.parameters()]
-    momentum = [t.optimizer.state[p]["momentum_buffer"].clone() for p in t.model.parameters()]
+    for step in range(2):  # AdamW: its state exists after a first step
+        _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
+        t.update(loss, torch.zeros(()), len(y), step, by_hand=False)
+    weights, state = [p.detach().clone() for p in t.model.parameters()], _optimizer_state(t.optimizer)
     scale = t.scaler.get_scale() if amp else None
     _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
-    t.update(loss, torch.ones(()), len(y), 0, by_hand=False)
-    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
-    assert all(torch.equal(m, t.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, t.model.parameters()))
+    t.update(loss, torch.ones(()), len(y), 2, by_hand=False)
+    assert all(torch.equal(a, p) for a, p in zip(weights, t.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(state, _optimizer_state(t.optimizer)))
     if amp:
         assert t.scaler.get_scale() == scale / 2
     _, loss, _ = t.step(t.forward_at(1), x, y, idx, 1)
-    t.update(loss, torch.zeros(()), len(y), 1, by_hand=False)
-    assert not any(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    t.update(loss, torch.zeros(()), len(y), 3, by_hand=False)
+    assert not any(torch.equal(a, p) for a, p in zip(weights, t.model.parameters()))
 
 
 def test_under_ddp_a_term_not_yet_on_trains_the_plain_student_with_gradients_averaged_by_hand(monkeypatch, tmp_path):
