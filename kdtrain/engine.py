@@ -629,7 +629,7 @@ class _Training:
             batches.generator.set_state(order)
             if self.rank == 0:  # the saved sums are all ranks' together
                 meters.sums[: len(partial["sums"])] = partial["sums"].to(self.device)
-        step_log = _StepLog(first, 2 + 1 + len(self.terms.columns), self.device)
+        step_log = _StepLog(first, len(self.terms.columns), self.device)
         tripped = torch.zeros((), device=self.device)  # nan_policy=stop: a bad step was seen (device-side)
         start = time.perf_counter()
         show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
@@ -881,10 +881,11 @@ def _step_flags(loss: Tensor, ddp: bool) -> Tensor:
 
 class _StepLog:
     """Each step's flags (`_step_flags`) and losses (`Meters.losses`) on the device since the last read:
-    one row per step, read on the host every POLL_STEPS steps, not every step."""
+    one row per step, [non-finite, signal, total loss, one value per metrics column], read on the host
+    every POLL_STEPS steps, not every step."""
 
-    def __init__(self, first: int, width: int, device: torch.device):
-        self.rows = torch.zeros(POLL_STEPS, width, device=device)
+    def __init__(self, first: int, columns: int, device: torch.device):
+        self.rows = torch.zeros(POLL_STEPS, 3 + columns, device=device)
         self.first, self.n = first, 0  # the step index of rows[0], the rows written
 
     @property
