@@ -33,8 +33,9 @@ from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
 
-# sync_bn=true below this per-rank batch gets a warning: torch's SyncBatchNorm adds a host sync and two small
-# collectives per BatchNorm layer at every step, which for small nets costs more than the statistics gain.
+# sync_bn=true below this per-rank batch gets a warning: torch's SyncBatchNorm adds a host sync (a boolean mask)
+# and two small collectives (all-gather forward, all-reduce backward) per BatchNorm layer at every step, which
+# for small nets likely costs more than the statistics gain.
 SYNC_BN_MIN_BATCH = 32
 
 
@@ -126,7 +127,7 @@ def _sync_bn(student: torch.nn.Module, cfg: DictConfig, device: torch.device) ->
         return student
     if cfg.batch_size < SYNC_BN_MIN_BATCH:
         log.warning(
-            "sync_bn=true with batch_size=%d per rank: SyncBatchNorm adds a host sync and two all-reduces per "
+            "sync_bn=true with batch_size=%d per rank: SyncBatchNorm adds a host sync and two collectives per "
             "BatchNorm layer at every step, which for a small net can make %d GPUs slower than one; use "
             "batch_size>=%d per rank, or sync_bn=false (each rank normalises over its own %d samples), or for a "
             "small net one job per GPU (e.g. a sweep) instead of torchrun",
