@@ -59,11 +59,11 @@ class _Order:
 
     def __len__(self) -> int:
         n, b = self.n, self.batch_size * self.world
-        if self.drop_last:
-            return n // b
         # A trailing batch too small to give each rank two samples is dropped when shuffling:
-        # BatchNorm cannot train on one sample.
-        return n // b if self.shuffle and 0 < n % b < 2 * self.world else math.ceil(n / b)
+        # BatchNorm cannot train on one sample. `drop_last` drops the smaller last batch (when there is a
+        # full one), so every batch has one shape (compile=true).
+        small_tail = self.shuffle and 0 < n % b < 2 * self.world
+        return n // b if small_tail or (self.drop_last and n >= b) else math.ceil(n / b)
 
     def global_size(self, i: int) -> int:
         """Samples in global batch `i` (all ranks together)."""
