@@ -229,7 +229,8 @@ class TeacherCache:
 
     def lookup(self, idx: Tensor, view: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Teacher logits (B, C) and features of samples `idx`, as float32 on `idx`'s device. A cache held in
-        memory-mapped files (the stream path) reads these rows only, on the CPU, and copies them to the device."""
+        memory-mapped files (the stream path) reads these rows only, on the CPU, and copies them to the device;
+        on CUDA that reads `idx` back to the host first: one host sync per step (the memory path has none)."""
         rows = self.rows_of(idx, view)
         home = (self.logits if self.logits is not None else self.topk_fill).device
         rows = rows.to(home)
