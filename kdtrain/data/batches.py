@@ -50,7 +50,14 @@ class _Order:
     """The data order both paths share: per epoch a permutation (or 0..n-1), cut into global batches."""
 
     def __init__(
-        self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, drop_last: bool
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
     ) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.rank, self.world = rank, world
