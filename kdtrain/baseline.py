@@ -38,7 +38,7 @@ from kdtrain.checkpoint import (
     load_training_checkpoint,
     save_weights,
 )
-from kdtrain.data import Splits, TensorSet
+from kdtrain.data import Splits, TensorSet, data_identity
 from kdtrain.engine import FitSpec, Resume, fit, predict
 from kdtrain.errors import UserError, write_problem
 from kdtrain.locks import file_lock
@@ -64,7 +64,7 @@ def labelled_only(train: TensorSet) -> TensorSet:
 
 def baseline_identity(cfg: DictConfig, amp_dtype: torch.dtype | None, device: torch.device) -> dict[str, Any]:
     """Everything that determines the student alone, as plain data."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in NOT_BASELINE_DATA}
+    data = data_identity(cfg.dataset, NOT_BASELINE_DATA)
     recipe = {
         "epochs": int(cfg.epochs),
         # Under torchrun rank 0 trains it alone on the global batch (see obtain).

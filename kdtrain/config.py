@@ -84,6 +84,14 @@ class DatasetConfig:
     labelled_per_class: int | None = None  # keep labels for N training samples per class
     exclude_classes: list[int] = field(default_factory=list)  # hidden from the student's data
     image_size: int | None = None
+    # dataset=hf (kdtrain/data/hf.py): datasets.load_dataset's `path` (`name` already picks the builder),
+    # its data_files, the two splits and the columns.
+    path: str | None = None
+    data_files: Any = None  # a path or glob, a list of them, or {split: files}
+    train_split: str = "train"
+    val_split: str = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass

@@ -28,7 +28,7 @@ from torch import nn
 
 from kdtrain.checkpoint import atomic_write, file_sha256, load_into, load_state_dict_file, non_finite, save_weights
 from kdtrain.collapse import collapse_epoch, warn
-from kdtrain.data import Splits
+from kdtrain.data import Splits, data_identity
 from kdtrain.engine import FitSpec, evaluate, fit
 from kdtrain.errors import UserError, WriteError, write_error, write_problem
 from kdtrain.features import classifier_name
@@ -53,7 +53,7 @@ def precision(amp_dtype: torch.dtype | None) -> str:
 def teacher_identity(cfg: DictConfig, amp: str) -> dict[str, Any]:
     """Everything that determines a trained teacher, as plain data; `amp`: its precision (see `precision`)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "checkpoint"}
-    data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in NOT_TEACHER_DATA}
+    data = data_identity(cfg.dataset, NOT_TEACHER_DATA)
     recipe = OmegaConf.to_container(cfg.teacher_train, resolve=True)
     # Keys added later leave the identity (and so the stored teachers' folders) unchanged at their defaults.
     recipe.pop("use_fitting_pretrained", None)  # decides whether to train, not how

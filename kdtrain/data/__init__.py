@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from kdtrain.errors import UserError
@@ -59,10 +59,26 @@ class Splits:
     std: list[float]
     # Random augmentation applied to each training batch on the device (e.g. crop + flip); None: none.
     augment: Callable[[Tensor], Tensor] | None = None
+    class_names: list[str] | None = None  # by class index, when the dataset names its classes
+
+
+# Dataset keys added after teachers and baselines were first stored (dataset=hf's): left out of the store keys
+# while at their defaults, so the teachers and baselines stored before are still found.
+LATER_KEYS = ("path", "data_files", "train_split", "val_split", "image_column", "label_column")
+
+
+def data_identity(cfg: DictConfig, leave_out: set[str]) -> dict[str, Any]:
+    """The dataset config `cfg` as plain data for a store key: without `leave_out`, nor the later keys at their
+    defaults."""
+    from kdtrain.config import DatasetConfig
+
+    defaults = OmegaConf.structured(DatasetConfig)
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in data.items() if k not in leave_out and not (k in LATER_KEYS and v == defaults[k])}
 
 
 def _import_builtin_datasets() -> None:
-    from kdtrain.data import digits, imagefolder, vision  # noqa: F401  (register themselves)
+    from kdtrain.data import digits, hf, imagefolder, imagenet, vision  # noqa: F401  (register themselves)
 
 
 Builder = Callable[[DictConfig], Splits]
