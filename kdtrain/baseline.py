@@ -38,7 +38,7 @@ from kdtrain.checkpoint import (
     load_training_checkpoint,
     save_weights,
 )
-from kdtrain.data import Splits, TensorSet, data_identity
+from kdtrain.data import DataSet, Splits, data_identity
 from kdtrain.engine import FitSpec, Resume, fit, predict
 from kdtrain.errors import UserError, write_problem
 from kdtrain.locks import file_lock
@@ -52,7 +52,7 @@ NOT_BASELINE_DATA = {"download"}
 WEIGHTS = "baseline.safetensors"
 
 
-def labelled_only(train: TensorSet) -> TensorSet:
+def labelled_only(train: DataSet) -> DataSet:
     """The labelled samples of a transfer set, repeated in turn to the transfer set's size (the same
     optimizer steps per epoch as a student trained on the whole set); the set itself when every sample
     is labelled."""
@@ -64,7 +64,8 @@ def labelled_only(train: TensorSet) -> TensorSet:
 
 def baseline_identity(cfg: DictConfig, amp_dtype: torch.dtype | None, device: torch.device) -> dict[str, Any]:
     """Everything that determines the student alone, as plain data."""
-    data = data_identity(cfg.dataset, NOT_BASELINE_DATA)
+    dataset = data_identity(OmegaConf.to_container(cfg.dataset, resolve=True))
+    data = {k: v for k, v in dataset.items() if k not in NOT_BASELINE_DATA}
     recipe = {
         "epochs": int(cfg.epochs),
         # Under torchrun rank 0 trains it alone on the global batch (see obtain).
@@ -220,7 +221,7 @@ def _finite_or_null(value: Any) -> Any:
 
 
 def agreement(
-    model: nn.Module, val: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, teacher_pred: Tensor
+    model: nn.Module, val: DataSet, device: torch.device, amp_dtype: torch.dtype | None, teacher_pred: Tensor
 ) -> float:
     """Top-1 agreement of `model` with the teacher's validation predictions."""
     return (predict(model, val, device, amp_dtype) == teacher_pred).float().mean().item()

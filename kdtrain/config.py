@@ -66,6 +66,12 @@ class CacheDtype(Enum):
 LOGGERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
+# dataset.loader: auto (memory when the split fits dataset.memory_budget_gb, else stream; logged) | memory
+# (decoded once into a uint8 tensor on the training device) | stream (decoded batch by batch by workers).
+LOADERS = ("auto", "memory", "stream")
+BAD_IMAGES = ("fail", "skip")  # dataset.bad_images
+
+
 class Progress(Enum):
     auto = "auto"
     bar = "bar"
@@ -84,6 +90,13 @@ class DatasetConfig:
     labelled_per_class: int | None = None  # keep labels for N training samples per class
     exclude_classes: list[int] = field(default_factory=list)  # hidden from the student's data
     image_size: int | None = None
+    # Image datasets read from files (imagefolder, ...): see kdtrain/data/batches.py. Plain strings (checked
+    # by `validate`), so the dataset node stays JSON-able for the identities of teachers and baselines.
+    loader: str = "auto"  # auto | memory | stream
+    # auto: the memory path when train + val fit in this many GB as uint8 pixels (on the training device).
+    memory_budget_gb: float = 4.0
+    workers: int | None = None  # decoding processes; null: the machine's cores (shared by the ranks of a machine)
+    bad_images: str = "fail"  # fail: stop naming the file | skip: log it once, count it, replace it
     # dataset=hf (kdtrain/data/hf.py): datasets.load_dataset's `path` (`name` already picks the builder),
     # its data_files, the two splits and the columns.
     path: str | None = None
@@ -308,6 +321,12 @@ def validate(cfg: DictConfig) -> None:
             "it must be >= 1, or null to keep every label",
         )
     _check(d.val_size >= 1, "dataset.val_size", d.val_size, "it must be >= 1")
+    for key, allowed in (("loader", LOADERS), ("bad_images", BAD_IMAGES)):
+        if d[key] not in allowed:
+            raise UserError(f"dataset.{key}={d[key]} is not accepted: use one of {', '.join(allowed)}")
+    _check(d.memory_budget_gb >= 0, "dataset.memory_budget_gb", d.memory_budget_gb, "it must be >= 0")
+    if d.workers is not None:
+        _check(d.workers >= 0, "dataset.workers", d.workers, "it must be >= 0 (0: decode in the main process)")
     _validate_cache(cfg)
     from kdtrain.models import resolve_builder
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from kdtrain import distributed
 from kdtrain.checkpoint import load_checkpoint, load_into, save_checkpoint
-from kdtrain.data import TensorSet
+from kdtrain.data import DataSet
+from kdtrain.data.batches import Batches, StreamBatches, make_batches
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.teacher_cache import TeacherCache
@@ -67,56 +68,6 @@ class FitSpec:
     )
     channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
     compile: bool = False  # torch.compile the student's forward pass
-
-
-class DeviceBatches:
-    """Batches by indexing a tensor that lives on the training device (no DataLoader, no copies per step).
-
-    Under torchrun each of `world` ranks holds the data and draws the same permutation; a step takes one
-    global batch of `batch_size * world` samples and rank `rank` trains on its share of it.
-    """
-
-    def __init__(
-        self,
-        data: TensorSet,
-        batch_size: int,
-        device: torch.device,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-    ):
-        self.x, self.y = data.x.to(device), data.y.to(device)
-        self.batch_size, self.shuffle, self.device = batch_size, shuffle, device
-        self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        n, b = len(self.y), self.batch_size * self.world
-        # A trailing batch too small to give each rank two samples is dropped when shuffling:
-        # BatchNorm cannot train on one sample.
-        return n // b if self.shuffle and 0 < n % b < 2 * self.world else math.ceil(n / b)
-
-    def global_size(self, i: int) -> int:
-        """Samples in global batch `i` (all ranks together)."""
-        b = self.batch_size * self.world
-        return min(b, len(self.y) - i * b)
-
-    def __iter__(self):
-        return self.epoch()
-
-    def epoch(self, first: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """One pass in a new order (drawn from `generator`), starting at batch `first` (to resume mid-epoch):
-        (inputs, labels, sample indices) per batch; the indices look up cached teacher outputs."""
-        n = len(self.y)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
-        b = self.batch_size * self.world
-        for i in range(first, len(self)):
-            idx = order[i * b : (i + 1) * b]
-            if self.world > 1:
-                idx = torch.tensor_split(idx, self.world)[self.rank]
-            yield self.x[idx], self.y[idx], idx
 
 
 def lr_factor(sched: Any, epoch: float, total_epochs: int) -> float:
@@ -158,13 +109,13 @@ def wants_channels_last(choice: bool | None, device: torch.device, model: nn.Mod
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 512
+    model: nn.Module, data: DataSet, device: torch.device, amp_dtype: torch.dtype | None, batch_size: int = 512
 ) -> Tensor:
     """Class predictions (on the CPU) for every sample, in eval mode."""
     was_training = model.training
     model.eval()
     preds = []
-    for x, _, _ in DeviceBatches(data, batch_size, device, shuffle=False):
+    for x, _, _ in make_batches(data, batch_size, device, shuffle=False).epoch():
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             preds.append(model(x).argmax(1))
     model.train(was_training)
@@ -172,7 +123,7 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, data: TensorSet, device: torch.device, amp_dtype: torch.dtype | None, reference: Tensor | None
+    model: nn.Module, data: DataSet, device: torch.device, amp_dtype: torch.dtype | None, reference: Tensor | None
 ) -> dict[str, Any]:
     """Top-1 accuracy, per-class accuracy and top-1 agreement with `reference` predictions (the teacher's)."""
     pred = predict(model, data, device, amp_dtype)
@@ -187,7 +138,7 @@ def evaluate(
     return out
 
 
-def _rng_state(batches: DeviceBatches, device: torch.device) -> dict[str, Any]:
+def _rng_state(batches: Batches, device: torch.device) -> dict[str, Any]:
     # Tensors and plain Python values only, so the checkpoint loads with weights_only=True.
     state = {
         "torch": torch.get_rng_state(),
@@ -201,7 +152,7 @@ def _rng_state(batches: DeviceBatches, device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any], batches: DeviceBatches, device: torch.device) -> None:
+def _set_rng_state(state: dict[str, Any], batches: Batches, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     batches.generator.set_state(state["batches"])
     random.setstate((3, tuple(state["python"]), None))
@@ -367,7 +318,7 @@ class _Training:
     def __init__(
         self,
         model: nn.Module,
-        train: TensorSet,
+        train: DataSet,
         spec: FitSpec,
         device: torch.device,
         amp_dtype: torch.dtype | None,
@@ -409,7 +360,7 @@ class _Training:
         # The terms' parameters are training state: optimised, checkpointed and resumed with the student.
         params = [p for p in list(model.parameters()) + list(terms.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(params, spec.optimizer, spec.lr)
-        self.batches = DeviceBatches(
+        self.batches = make_batches(
             train, spec.batch_size, device, shuffle=True, seed=spec.seed, rank=self.rank, world=self.world
         )
         self.steps_per_epoch = steps = len(self.batches)
@@ -569,8 +520,8 @@ class _Training:
 
 def fit(
     model: nn.Module,
-    train: TensorSet,
-    val: TensorSet,
+    train: DataSet,
+    val: DataSet,
     spec: FitSpec,
     device: torch.device,
     amp_dtype: torch.dtype | None,
@@ -611,6 +562,9 @@ def fit(
                     log.info("%s: the %s term is on from epoch %d", spec.label, s.name, epoch)
             totals, seconds, skipped = t.train_epoch(epoch, partial)
             partial = None
+            bad_images = t.batches.take_bad_reads()
+            if t.ddp and isinstance(t.batches, StreamBatches):  # each rank read its own share
+                bad_images = int(distributed.all_reduce_sum(torch.tensor([float(bad_images)], device=device)).item())
             _check_skipped(spec, skipped, t.steps_per_epoch, epoch, t.last_path)
             if not _finite([*model.state_dict().values(), *terms.state_dict().values()]):
                 # A finite loss with an update that overflowed: the weights are lost, keep the last checkpoint.
@@ -630,6 +584,7 @@ def fit(
                 "samples_per_sec": totals[0] / seconds,
                 "epoch_seconds": seconds,
                 "skipped_steps": skipped,
+                "bad_images": bad_images,  # unreadable images replaced in their batches (bad_images=skip)
                 "per_class": result["per_class"],
             }
             improved = row["val_acc"] > t.best["val_acc"]

@@ -20,6 +20,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from kdtrain.checkpoint import atomic_write
+from kdtrain.data import DataSet
+from kdtrain.data.batches import make_batches
 from kdtrain.errors import UserError, one_line_errors
 from kdtrain.report import pct
 from kdtrain.rundir import add_trust_flag, build_splits, load_student, load_teacher, note, open_run, resolve_device
@@ -29,10 +31,11 @@ ECE_BINS = 15
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    """float32 logits on the CPU for every row of `x`, in eval mode (no autocast: exact metrics)."""
+@torch.no_grad()
+def logits_of(model: nn.Module, data: DataSet, device: torch.device, batch_size: int = 512) -> Tensor:
+    """float32 logits on the CPU for every sample of `data`, in eval mode (no autocast: exact metrics)."""
     model = model.to(device).eval()
-    return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x).float().cpu() for x, _, _ in make_batches(data, batch_size, device, False).epoch()])
 
 
 def expected_calibration_error(probs: Tensor, y: Tensor, bins: int = ECE_BINS) -> float:
@@ -235,8 +238,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     if teacher is None:
         note(TOOL, "the run's teacher weights are not available, so no teacher-student agreement")
 
-    student_logits = logits_of(student.model, data.x, device)
-    teacher_logits = logits_of(teacher[0], data.x, device) if teacher is not None else None
+    student_logits = logits_of(student.model, data, device)
+    teacher_logits = logits_of(teacher[0], data, device) if teacher is not None else None
     if args.teacher:
         logits, other, role, name, weights = (
             teacher_logits,

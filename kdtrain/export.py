@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import kdtrain
 from kdtrain.checkpoint import atomic_write
+from kdtrain.data.batches import make_batches
 from kdtrain.errors import UserError, one_line_errors
 from kdtrain.predict import preprocessing_spec
 from kdtrain.rundir import add_trust_flag, build_splits, load_student, open_run
@@ -33,11 +34,12 @@ ALL = ("export", "onnx")  # --format all: the two formats that are not deprecate
 FILES = {"export": "model.pt2", "onnx": "model.onnx", "torchscript": "model.pt"}
 INPUT, OUTPUT = "input", "logits"
 ATOL = 1e-4
+PARITY_BATCH = 256  # validation samples an export is checked on
 
 
 def parity_batches(x: Tensor) -> list[Tensor]:
     """Real inputs to check an export on: a full batch and an odd-sized one (tests the dynamic batch)."""
-    big = x[: min(len(x), 256)]
+    big = x[: min(len(x), PARITY_BATCH)]
     return [big, x[: min(len(x), 7)]]
 
 
@@ -164,7 +166,8 @@ def export(
     out = Path(out) if out is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     model = student.model.cpu().eval()
-    batches = parity_batches(splits.val.x.float())
+    first, _, _ = next(make_batches(splits.val, PARITY_BATCH, torch.device("cpu"), shuffle=False).epoch())
+    batches = parity_batches(first)
     files: dict[str, Any] = {}
     for fmt in formats:
         path = out / FILES[fmt]

@@ -18,7 +18,7 @@ from kdtrain import distributed
 from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_another_run, save_weights
 from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
 from kdtrain.config import Amp
-from kdtrain.data import Splits, build_dataset
+from kdtrain.data import Splits, StreamSet, build_dataset
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -89,7 +89,11 @@ def _spec(cfg: DictConfig, label: str, checkpoint_dir: Path | None, extra: dict[
 def _extra_columns(cfg: DictConfig, terms: list[str]) -> list[str]:
     """Metrics columns after the fixed ones: a column per loss term beyond ce, kd, feat, then the rest."""
     own = [t for t in terms if t not in LEGACY_COLUMNS]
-    return own + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
+    return (
+        own
+        + (["val_acc_excluded"] if cfg.dataset.exclude_classes else [])
+        + (["bad_images"] if cfg.dataset.bad_images == "skip" else [])
+    )
 
 
 def _epoch_sink(
@@ -249,6 +253,9 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             "last_val_acc": result["last_val_acc"],
             "agreement": last["agreement"],
             "skipped_steps": sum(int(row.get("skipped_steps", 0)) for row in result["history"]),
+            # bad_images=skip: images that could not be read: left out (memory path), or training images
+            # replaced in their batches (stream path; an epoch reads each sample once)
+            "bad_images": splits.left_out + max(int(row.get("bad_images", 0)) for row in result["history"]),
             "labelled": int((splits.train.y >= 0).sum()),
             "collapsed": watch.epoch is not None,
         },
@@ -289,6 +296,14 @@ def _teacher_cache(
     """The teacher-output cache for this run (teacher_cache=...), or None: the teacher runs every step."""
     if not terms.needs_teacher:
         return None  # e.g. mode=none: no term reads the teacher
+    if isinstance(splits.train, StreamSet):
+        if cfg.teacher_cache_views:
+            raise UserError(
+                f"teacher_cache_views={cfg.teacher_cache_views} replays the memory path's crops and flips; on the "
+                "stream path set teacher_cache_views=0, or dataset.loader=memory"
+            )
+        log.info("teacher cache: off on the stream path (the teacher runs every step)")
+        return None
     channels_last = wants_channels_last(None, device, teacher)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)

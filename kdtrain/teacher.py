@@ -53,7 +53,8 @@ def precision(amp_dtype: torch.dtype | None) -> str:
 def teacher_identity(cfg: DictConfig, amp: str) -> dict[str, Any]:
     """Everything that determines a trained teacher, as plain data; `amp`: its precision (see `precision`)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "checkpoint"}
-    data = data_identity(cfg.dataset, NOT_TEACHER_DATA)
+    dataset = data_identity(OmegaConf.to_container(cfg.dataset, resolve=True))
+    data = {k: v for k, v in dataset.items() if k not in NOT_TEACHER_DATA}
     recipe = OmegaConf.to_container(cfg.teacher_train, resolve=True)
     # Keys added later leave the identity (and so the stored teachers' folders) unchanged at their defaults.
     recipe.pop("use_fitting_pretrained", None)  # decides whether to train, not how

@@ -45,7 +45,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdtrain.checkpoint import save_weights
-from kdtrain.data import TensorSet
+from kdtrain.data import TensorSet, data_identity
+from kdtrain.data.batches import make_batches
 from kdtrain.errors import UserError, WriteError, write_error
 from kdtrain.features import Capture
 from kdtrain.locks import file_lock
@@ -117,7 +118,7 @@ def cache_identity(
             "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
             "weights": weights_digest(teacher),
         },
-        "dataset": {k: v for k, v in sorted(dataset_cfg.items()) if k not in NOT_INPUT_KEYS},
+        "dataset": {k: v for k, v in sorted(data_identity(dataset_cfg).items()) if k not in NOT_INPUT_KEYS},
         "split": "train",
         "inputs": {"n": len(train), "shape": list(train.x.shape[1:]), "sha256": tensor_digest([("x", train.x)])},
         "augment": None if views == 0 else {"views": views, "seed": VIEW_SEED, **_augment_params(augment)},
@@ -242,9 +243,7 @@ class TeacherCache:
         autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
         store: dict[str, Tensor] = {}
         try:
-            for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n), device=device)
-                x = train.x[start : start + len(idx)].to(device, non_blocking=True)
+            for x, _, idx in make_batches(train, batch_size, device, shuffle=False).epoch():
                 for v in range(k_views):
                     xin = augment.at(x, *cache.view_params(idx, torch.full_like(idx, v))) if views else x
                     if channels_last and xin.dim() == 4:

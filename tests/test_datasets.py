@@ -19,6 +19,7 @@ from PIL import Image
 from kdtrain.config import DatasetConfig
 from kdtrain.data import build_dataset, dataset_shape, known_datasets
 from kdtrain.data.augment import crop_flip, make_augment
+from kdtrain.data.batches import make_batches
 from kdtrain.errors import UserError
 from tests._dataset_files import (
     CIFAR_PER_BATCH,
@@ -33,6 +34,11 @@ from tests._dataset_files import (
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "fake"]
+
+
+def inputs(data) -> torch.Tensor:
+    """Every sample of `data` as the model gets it (one batch on the CPU, in order)."""
+    return next(make_batches(data, len(data), torch.device("cpu"), shuffle=False).epoch())[0]
 
 
 def dcfg(name: str, root: Path | None = None, **kw) -> DictConfig:
@@ -75,14 +81,18 @@ def test_every_dataset_registered() -> None:
 )
 def test_mnist_like(data_root: Path, name: str, folder: str, mean: float, std: float) -> None:
     splits = build_dataset(dcfg(name, data_root, augment=True))
-    assert splits.train.x.shape == (MNIST_TRAIN, 1, 28, 28) and splits.train.x.dtype == torch.float32
+    assert splits.train.x.shape == (MNIST_TRAIN, 1, 28, 28) and splits.train.x.dtype == torch.uint8  # 1 byte a pixel
     assert splits.val.x.shape == (MNIST_TEST, 1, 28, 28)  # the official test split
     assert splits.num_classes == 10 and splits.in_shape == (1, 28, 28)
     assert splits.mean == [mean] and splits.std == [std]
     assert splits.train.y.tolist() == [i % 10 for i in range(MNIST_TRAIN)]
     raw = (data_root / folder / "raw" / "train-images-idx3-ubyte").read_bytes()
     first_pixel = raw[16]  # after the IDX header: magic + 3 dims
-    assert splits.train.x[0, 0, 0, 0].item() == pytest.approx((first_pixel / 255 - mean) / std, abs=1e-5)
+    assert splits.train.x[0, 0, 0, 0].item() == first_pixel
+    x = inputs(splits.train)  # normalised per batch, as float32
+    assert x.dtype == torch.float32 and x[0, 0, 0, 0].item() == pytest.approx(
+        (first_pixel / 255 - mean) / std, abs=1e-5
+    )
     assert splits.augment is not None
     assert dataset_shape(dcfg(name, data_root)) == (10, (1, 28, 28))
 
@@ -115,7 +125,7 @@ def test_cifar(data_root: Path, name: str, classes: int, n_train: int, n_val: in
     # Row layout: 1024 red, 1024 green, 1024 blue values; pixel (0, 0) of each channel.
     raw = batch["data"][0]
     expect = [(raw[c * 1024] / 255 - splits.mean[c]) / splits.std[c] for c in range(3)]
-    assert splits.train.x[0, :, 0, 0].tolist() == pytest.approx(expect, abs=1e-5)
+    assert inputs(splits.train)[0, :, 0, 0].tolist() == pytest.approx(expect, abs=1e-5)
     assert dataset_shape(dcfg(name, data_root)) == (classes, (3, 32, 32))
 
 

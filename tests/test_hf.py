@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kdtrain.data import build_dataset, dataset_shape
@@ -59,8 +60,9 @@ def test_parquet_with_image_bytes_and_a_classlabel(tmp_path: Path, no_network: l
     assert splits.num_classes == 3 and splits.class_names == NAMES
     assert splits.in_shape == (3, 8, 8) and splits.mean == [0.485, 0.456, 0.406]
     assert splits.train.y.tolist() == [0, 1, 2, 0, 1, 2] and splits.val.y.tolist() == [0, 1, 2]
-    # The pixels are the images' own: row 0 scaled to 12 x 12 (shorter side 8 ... 12 -> 8) and centre-cropped.
-    assert float(splits.train.x[0].std()) > 0.3
+    # The memory path holds the images' own pixels (random noise, scaled and centre-cropped), one per row.
+    assert splits.train.x.dtype == torch.uint8 and float(splits.train.x.float().std()) > 20
+    assert not torch.equal(splits.train.x[0], splits.train.x[1])
     assert dataset_shape(cfg) == (3, (3, 8, 8))
     assert no_network == []
 
@@ -93,6 +95,20 @@ def test_plain_table_with_string_labels_and_raw_bytes(tmp_path: Path) -> None:
     splits = build_dataset(hf_cfg(path="parquet", data_files=files, val_split="test"))
     assert splits.class_names == ["ant", "zebra"]  # the sorted strings of the training split
     assert splits.train.y.tolist() == [1, 0, 1, 0] and splits.val.y.tolist() == [0, 1]
+
+
+def test_stream_path_reads_rows_in_worker_processes(tmp_path: Path) -> None:
+    # The source travels to a DataLoader worker (pickled with its datasets.Dataset) and decodes rows there.
+    from kdtrain.data.batches import make_batches
+
+    files = write_parquet(tmp_path)
+    cfg = hf_cfg(path="parquet", data_files=files, image_column="img", label_column="fine", loader="stream", workers=1)
+    splits = build_dataset(cfg)
+    batches = make_batches(splits.val, 2, torch.device("cpu"), shuffle=False)
+    got = list(batches.epoch())
+    assert [tuple(x.shape) for x, _, _ in got] == [(2, 3, 8, 8), (1, 3, 8, 8)]
+    assert torch.cat([y for _, y, _ in got]).tolist() == [0, 1, 2]
+    assert torch.cat([i for _, _, i in got]).tolist() == [0, 1, 2]
 
 
 def test_tiny_run_on_a_parquet_dataset(compose, tmp_path: Path) -> None:

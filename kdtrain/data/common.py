@@ -3,23 +3,26 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image
 from torch import Tensor
 
-from kdtrain.data import Splits, TensorSet, make_transfer_set
+from kdtrain.data import IMAGENET_MEAN, IMAGENET_STD, Splits, StreamSet, TensorSet, make_transfer_set
 from kdtrain.data.augment import make_augment
-from kdtrain.data.sources import BadImage, ImageSource, is_gray
+from kdtrain.data.batches import Decode, loader
+from kdtrain.data.sources import GRAY_MODES, BadImage, ImageSource
 from kdtrain.errors import UserError
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+log = logging.getLogger("kdtrain")
 
-CHUNK = 4096  # images converted at a time, so a resize never holds a second float copy of the dataset
+CHUNK = 4096  # images resized at a time, so a resize never holds a float copy of the dataset
+DECODE_BATCH = 64  # images a decoding worker hands back at a time (memory path)
 
 
 def dataset_root(cfg: DictConfig, holds: str) -> Path:
@@ -38,17 +41,17 @@ def image_size(cfg: DictConfig, default: int) -> int:
     return int(cfg.image_size)
 
 
-def to_normalised(x: Tensor, size: int, mean: list[float], std: list[float]) -> Tensor:
-    """uint8 images (N, C, H, W) to float32 in [0, 1], resized to size x size when they differ, then normalised."""
-    n, c = x.shape[:2]
-    out = torch.empty((n, c, size, size), dtype=torch.float32)
-    m = torch.tensor(mean).view(1, c, 1, 1)
-    s = torch.tensor(std).view(1, c, 1, 1)
-    for i in range(0, n, CHUNK):
-        chunk = x[i : i + CHUNK].float().div_(255.0)
-        if chunk.shape[-2:] != (size, size):
-            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[i : i + CHUNK] = (chunk - m) / s
+def to_pixels(x: Tensor, size: int) -> Tensor:
+    """uint8 images (N, C, H, W) resized to size x size when they differ (bilinear, antialiased, rounded back
+    to uint8), else as they are."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = torch.empty((*x.shape[:2], size, size), dtype=torch.uint8)
+    for i in range(0, len(x), CHUNK):
+        chunk = F.interpolate(
+            x[i : i + CHUNK].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[i : i + CHUNK] = chunk.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -88,40 +91,105 @@ def make_splits(
 def splits_from_sources(
     cfg: DictConfig, train: ImageSource, val: ImageSource, num_classes: int, default_size: int
 ) -> Splits:
-    """Splits of images read from sources: each image scaled so its shorter side is `dataset.image_size`
-    (`default_size` when null), then centre-cropped to a square. Channels: 1 when every image is grayscale,
-    else 3 (grayscale images become RGB with equal channels); ImageNet's mean / std for 3 channels, 0.5 / 0.5
-    for 1. An image that cannot be read stops the run with its name."""
+    """Splits of images read from sources, on the memory or the stream path (`dataset.loader`; see
+    kdtrain/data/batches.py). Channels: 1 when every image is grayscale, else 3 (grayscale images become RGB
+    with equal channels); ImageNet's mean / std for 3 channels, 0.5 / 0.5 for 1.
+
+    Memory path: each image scaled so its shorter side is `dataset.image_size` (`default_size` when null),
+    centre-cropped, and kept as uint8 (decoded once, by `dataset.workers` processes); `dataset.augment`: the
+    on-device random crop (4-pixel padding) + flip. Stream path: the transforms of StreamSet. An unreadable
+    image stops the run with its name (`dataset.bad_images=fail`), or is left out (skip)."""
     size = image_size(cfg, default_size)
-    loaded = [[_square(source, i, size) for i in range(len(source))] for source in (train, val)]
-    channels = 1 if all(gray for images in loaded for _, gray in images) else 3
+    workers = decode_workers(cfg)
+    skip = _setting(cfg, "bad_images", "fail") == "skip"
+    channels = _channels(train, val, skip)
     mean, std = ([0.5], [0.5]) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-    train_set, val_set = (
-        TensorSet(to_normalised(_stack([a for a, _ in images], channels), size, mean, std), source.labels)
-        for images, source in zip(loaded, (train, val))
+    if not _use_memory(cfg, (len(train) + len(val)) * channels * size * size):
+        kw = {"size": size, "channels": channels, "mean": mean, "std": std, "workers": workers}
+        kw["bad_images"] = "skip" if skip else "fail"
+        train_set = StreamSet(train, torch.arange(len(train)), train.labels, augment=bool(cfg.augment), **kw)
+        val_set = StreamSet(val, torch.arange(len(val)), val.labels, **kw)
+        student, teacher = make_transfer_set(train_set, num_classes, cfg)
+        return Splits(student, teacher, val_set, num_classes, (channels, size, size), list(mean), list(std))
+    train_set, val_set = (_decode_all(source, size, channels, mean, std, workers, skip) for source in (train, val))
+    splits = make_splits(cfg, train_set, val_set, num_classes, mean, std, pad=4, flip=True)
+    splits.left_out = len(train) + len(val) - len(train_set) - len(val_set)
+    return splits
+
+
+def _setting(cfg: DictConfig, key: str, default: Any) -> Any:
+    """A dataset key's value; `default` for a config without it (e.g. one written by hand)."""
+    return cfg.get(key, default)
+
+
+def decode_workers(cfg: DictConfig) -> int:
+    """`dataset.workers`, or (null) this process's share of the machine's cores: the ranks of a torchrun
+    machine split them."""
+    workers = _setting(cfg, "workers", None)
+    if workers is not None:
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _use_memory(cfg: DictConfig, nbytes: int) -> bool:
+    """loader=memory|stream as chosen; auto: memory when the uint8 pixels fit dataset.memory_budget_gb (logged)."""
+    loader = _setting(cfg, "loader", "memory")
+    if loader != "auto":
+        log.info("data: the %s path (dataset.loader=%s)", loader, loader)
+        return loader == "memory"
+    budget = float(_setting(cfg, "memory_budget_gb", 4.0))
+    memory = nbytes <= budget * 1e9
+    log.info(
+        "data: the %s path (dataset.loader=auto): train + val take %.2f GB as uint8 pixels, %s "
+        "dataset.memory_budget_gb=%g",
+        "memory" if memory else "stream",
+        nbytes / 1e9,
+        "within" if memory else "over",
+        budget,
     )
-    return make_splits(cfg, train_set, val_set, num_classes, mean, std, pad=4, flip=True)
+    return memory
 
 
-def _square(source: ImageSource, i: int, size: int) -> tuple[np.ndarray, bool]:
-    """(uint8 array (size, size) for grayscale or (size, size, 3), is grayscale) of image i."""
-    try:
-        img = source.read(i)
-    except BadImage as e:
-        raise UserError(f"{e}; replace or delete it") from None
-    gray = is_gray(img)
-    img = img.convert("L" if gray else "RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8), gray
+def _channels(train: ImageSource, val: ImageSource, skip: bool) -> int:
+    """1 when every image is grayscale, else 3: the images (their headers, when the source can read them
+    alone: FileSource.mode) are looked at until the first colour one."""
+    for source in (train, val):
+        peek = getattr(source, "mode", None) or (lambda i, source=source: source.read(i).mode)
+        for i in range(len(source)):
+            try:
+                if peek(i) not in GRAY_MODES:
+                    return 3
+            except BadImage as e:
+                if not skip:
+                    raise UserError(f"{e}; {FIX_BAD}") from None
+    return 1
 
 
-def _stack(arrays: list[np.ndarray], channels: int) -> Tensor:
-    """uint8 (N, C, H, W) from per-image arrays; grayscale ones repeated when channels == 3."""
-    out = np.empty((len(arrays), channels, *arrays[0].shape[:2]), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # a (H, W) broadcasts over 3 channels
-    return torch.from_numpy(out)
+FIX_BAD = "replace or delete it, or set dataset.bad_images=skip to train on without it"
+
+
+def _decode_all(
+    source: ImageSource, size: int, channels: int, mean: list[float], std: list[float], workers: int, skip: bool
+) -> TensorSet:
+    """Every image of `source` as uint8 (N, C, size, size), decoded by `workers` processes; with `skip`
+    the unreadable ones are left out (each logged)."""
+    n = len(source)
+    x = torch.empty((n, channels, size, size), dtype=torch.uint8)
+    ok = torch.ones(n, dtype=torch.bool)
+    plan = [[(i, 0) for i in range(start, min(start + DECODE_BATCH, n))] for start in range(0, n, DECODE_BATCH)]
+    decode = Decode(source, torch.arange(n), size, channels, "square")
+    for images, idx, bad in loader(decode, plan, min(workers, len(plan)), torch.device("cpu")):
+        x[idx] = images
+        for i, message in zip(idx.tolist(), bad):
+            if message and not skip:
+                raise UserError(f"{message}; {FIX_BAD}")
+            if message:
+                ok[i] = False
+                log.warning("bad_images=skip: %s; it is left out", message)
+    if not ok.all():
+        log.warning("bad_images=skip: %d of %d images cannot be read and are left out", int((~ok).sum()), n)
+        if not ok.any():
+            raise UserError("no image of the dataset can be read; check its files")
+        return TensorSet(x[ok], source.labels[ok], list(mean), list(std))
+    return TensorSet(x, source.labels, list(mean), list(std))

@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from kdtrain.data import Splits, register, register_shape
-from kdtrain.data.common import image_size, splits_from_sources
-from kdtrain.data.sources import GRAY_MODES, READ_ERRORS, BadImage
+from kdtrain.data.common import _channels, image_size, splits_from_sources
+from kdtrain.data.sources import READ_ERRORS, BadImage
 from kdtrain.errors import UserError
 from kdtrain.models.hub import is_offline
 
@@ -51,21 +51,31 @@ class HFSource:
         return len(self.ds)
 
     def read(self, i: int) -> Image.Image:
-        value = self.ds[i][self.column]
         try:
-            if isinstance(value, Image.Image):
-                return value
-            if isinstance(value, dict):  # an Image feature's {"bytes": ..., "path": ...}
-                value = value.get("bytes") or value.get("path")
-            if isinstance(value, (bytes, bytearray)):
-                value = io.BytesIO(value)
-            elif not isinstance(value, str):
-                raise BadImage(self.name(i), f"the column holds {type(value).__name__}, not an image, bytes or a path")
-            with Image.open(value) as img:
+            with Image.open(self._file(i)) as img:
                 img.load()
                 return img
         except READ_ERRORS as e:
             raise BadImage(self.name(i), str(e).strip() or type(e).__name__) from None
+
+    def mode(self, i: int) -> str:
+        """Image i's PIL mode, from its header alone (no pixels decoded; used to infer the channels)."""
+        try:
+            with Image.open(self._file(i)) as img:
+                return img.mode
+        except READ_ERRORS as e:
+            raise BadImage(self.name(i), str(e).strip() or type(e).__name__) from None
+
+    def _file(self, i: int) -> io.BytesIO | str:
+        """Row i's encoded image: its bytes, or the path of its file."""
+        value = self.ds[i][self.column]
+        if isinstance(value, dict):  # an Image feature's {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return io.BytesIO(value)
+        if isinstance(value, str):
+            return value
+        raise BadImage(self.name(i), f"the column holds {type(value).__name__}, not an image, bytes or a path")
 
     def name(self, i: int) -> str:
         return f"{self.where} row {i}"
@@ -180,18 +190,8 @@ def hf(cfg: DictConfig) -> Splits:
 
 @register_shape("hf")
 def _hf_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
-    """Classes from the labels; channels from the images, read up to the first colour image."""
+    """Classes from the labels; channels from the images' headers, read up to the first colour image."""
     train, val, num_classes, _ = _sources(cfg)
-    channels = 1
-    for source in (train, val):
-        for i in range(len(source)):
-            try:
-                if source.read(i).mode not in GRAY_MODES:
-                    channels = 3
-                    break
-            except BadImage as e:
-                raise UserError(f"{e}; replace or delete it") from None
-        if channels == 3:
-            break
+    channels = _channels(train, val, skip=False)
     size = image_size(cfg, DEFAULT_SIZE)
     return num_classes, (channels, size, size)

@@ -50,6 +50,9 @@ class ImageSource(Protocol):
         """A JSON-able identity of the images (for cache keys): changes when any image may have changed."""
         ...
 
+    # Optional: `mode(i) -> str`, image i's PIL mode without decoding it (else the channels are inferred
+    # by reading images).
+
 
 class FileSource:
     """Image files on disk (an image folder, ImageNet's train/ or val/)."""
@@ -70,6 +73,15 @@ class FileSource:
         except READ_ERRORS as e:
             raise BadImage(str(path), str(e).strip() or type(e).__name__) from None
 
+    def mode(self, i: int) -> str:
+        """Image i's PIL mode from its header (no pixels decoded; used to infer the channels)."""
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                return img.mode
+        except READ_ERRORS as e:
+            raise BadImage(str(path), str(e).strip() or type(e).__name__) from None
+
     def name(self, i: int) -> str:
         return str(self.files[i])
 
@@ -80,7 +92,3 @@ class FileSource:
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
         return {"files": len(self.files), "sha256": h.hexdigest()}
-
-
-def is_gray(img: Image.Image) -> bool:
-    return img.mode in GRAY_MODES

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdtrain.data import Splits, TensorSet, register, register_shape
-from kdtrain.data.common import check_labels, dataset_root, image_size, make_splits, to_normalised
+from kdtrain.data.common import check_labels, dataset_root, image_size, make_splits, to_pixels
 from kdtrain.errors import UserError
 
 # Normalisation constants of the literature (training-set channel mean / std).
@@ -89,7 +89,7 @@ def _mnist_like(cfg: DictConfig, folder: str, mean: list[float], std: list[float
                 f"dataset={cfg.name}: {raw} holds {len(part.data)} {split} images but {len(y)} labels; replace "
                 "the files"
             )
-        sets.append(TensorSet(to_normalised(part.data.unsqueeze(1), size, mean, std), y))
+        sets.append(TensorSet(to_pixels(part.data.unsqueeze(1), size), y, mean, std))
     return make_splits(cfg, sets[0], sets[1], 10, mean, std, pad=2, flip=False)  # digits are not mirror-symmetric
 
 
@@ -233,7 +233,7 @@ def _cifar(cfg: DictConfig, mean: list[float], std: list[float]) -> Splits:
         x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         check_labels(y, classes, str(where / files[0]))
-        sets.append(TensorSet(to_normalised(x, size, mean, std), y))
+        sets.append(TensorSet(to_pixels(x, size), y, mean, std))
     return make_splits(cfg, sets[0], sets[1], classes, mean, std, pad=4, flip=True)
 
 
@@ -277,9 +277,7 @@ def fake(cfg: DictConfig) -> Splits:
         )
         images, labels = zip(*(data[i] for i in range(n)))
         x = torch.stack([pil_to_tensor(img) for img in images])
-        sets.append(
-            TensorSet(to_normalised(x, size, mean, std), torch.tensor([int(v) for v in labels], dtype=torch.int64))
-        )
+        sets.append(TensorSet(to_pixels(x, size), torch.tensor([int(v) for v in labels], dtype=torch.int64), mean, std))
     return make_splits(cfg, sets[0], sets[1], FAKE_CLASSES, mean, std, pad=4, flip=True)
 
 
