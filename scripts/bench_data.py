@@ -6,8 +6,9 @@
 1. Generates a folder of JPEGs: --images (default 4,000) of --size px (256) in --classes (10) class folders,
    --val-fraction (20 %) of each class in val/, the rest in train/ (smooth random colour fields with mild
    noise, JPEG quality 90), and a second folder of the first --small (1,000) of them (hard links, same split).
-2. Training throughput at --image-size (128), over --epochs (3) epochs; each figure is the median over
-   epochs 2..E (epoch 1 starts the worker processes):
+2. Training throughput at --image-size (128), over --epochs (3) epochs; a run's figure is the median over
+   epochs 2..E (epoch 1 starts the worker processes); --rounds R runs each way R times, alternating which
+   goes first, and reports the median run:
      stream  `python -m kdtrain dataset=imagefolder dataset.root=DIR dataset.loader=stream ...` in a subprocess;
              samples/s from its metrics.jsonl (`samples_per_sec`: the training pass, evaluation excluded);
      plain   this script (--plain) in a subprocess: torchvision's ImageFolder + DataLoader (the same workers
@@ -207,13 +208,13 @@ def run_kdtrain(args: argparse.Namespace, root: Path, loader: str, epochs: int, 
     return {**result, "samples_per_sec_per_epoch": rates, "samples_per_sec": statistics.median(rates[1:] or rates)}
 
 
-def run_plain(args: argparse.Namespace, root: Path, epochs: int, work: Path) -> dict[str, Any]:
-    out = work / "plain.json"
+def run_plain(args: argparse.Namespace, root: Path, epochs: int, work: Path, tag: str) -> dict[str, Any]:
+    out = work / f"{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(root), "--plain-out", str(out)]
     cmd += [f"--epochs={epochs}", f"--image-size={args.image_size}", f"--workers={args.workers}"]
     cmd += [f"--batch-size={args.batch_size}", f"--device={args.device}", f"--amp={args.amp}"]
     cmd += [f"--model={m}" for m in args.model]
-    result = run_measured(cmd, work / "plain.log", args.timeout)
+    result = run_measured(cmd, work / f"{tag}.log", args.timeout)
     rates = json.loads(out.read_text())["samples_per_sec_per_epoch"]
     return {**result, "samples_per_sec_per_epoch": rates, "samples_per_sec": statistics.median(rates[1:] or rates)}
 
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--image-size", type=int, default=128, help="dataset.image_size of the runs (default 128)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the throughput runs (the median of 2..E)")
+    ap.add_argument("--rounds", type=int, default=1, help="throughput runs of each way, alternating (the median)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: the usable cores)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_fraction": args.val_fraction,
             "image_size": args.image_size,
             "epochs": args.epochs,
+            "rounds": args.rounds,
             "batch_size": args.batch_size,
             "workers": args.workers,
             "device": args.device,
@@ -405,18 +408,24 @@ def main(argv: list[str] | None = None) -> int:
         out["generated_small"] = subset(big, little, small, args.classes, args.val_fraction)
         save()
 
-        stream = attempt("stream", lambda: run_kdtrain(args, big, "stream", args.epochs, work, "stream"))
-        if stream:
-            out["results"]["stream"] = stream
-            print(f"stream: {stream['samples_per_sec']:.1f} samples/s, peak {stream['peak_pss_mb']:.0f} MB")
-        save()
-        plain = attempt("plain", lambda: run_plain(args, big, args.epochs, work))
-        if plain:
-            out["results"]["plain"] = plain
-            print(f"plain:  {plain['samples_per_sec']:.1f} samples/s, peak {plain['peak_pss_mb']:.0f} MB")
-        if stream and plain:
-            out["ratio"] = stream["samples_per_sec"] / plain["samples_per_sec"]
-            print(f"ratio stream / plain: {out['ratio']:.2f}")
+        # Rounds alternate which way goes first, so a change in the machine's load hits both alike.
+        runs: dict[str, list[dict[str, Any]]] = {"stream": [], "plain": []}
+        for r in range(args.rounds):
+            for way in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
+                tag = f"{way}_{r}"
+                if way == "stream":
+                    got = attempt(tag, lambda t=tag: run_kdtrain(args, big, "stream", args.epochs, work, t))
+                else:
+                    got = attempt(tag, lambda t=tag: run_plain(args, big, args.epochs, work, t))
+                if got:
+                    runs[way].append(got)
+                    print(f"round {r} {way}: {got['samples_per_sec']:.1f} samples/s, peak {got['peak_pss_mb']:.0f} MB")
+                    rates = [run["samples_per_sec"] for run in runs[way]]
+                    out["results"][way] = {"samples_per_sec": statistics.median(rates), "runs": runs[way]}
+                save()
+        if runs["stream"] and runs["plain"]:
+            out["ratio"] = out["results"]["stream"]["samples_per_sec"] / out["results"]["plain"]["samples_per_sec"]
+            print(f"ratio stream / plain (medians over {args.rounds} rounds): {out['ratio']:.2f}")
         save()
 
         if not args.skip_memory:

@@ -121,7 +121,7 @@ def test_bench_data_end_to_end(tmp_path):
     assert bench_data.main([*argv, "--batch-size", "8", "--workers", "1", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["complete"] and got["generated"] == {"train": 32, "val": 8} and got["ratio"] > 0
-    assert len(got["results"]["stream"]["samples_per_sec_per_epoch"]) == 2
+    assert len(got["results"]["stream"]["runs"][0]["samples_per_sec_per_epoch"]) == 2
     for loader in ("stream", "memory"):
         assert set(got["memory"][loader]) == {"10", "40", "growth_mb"}
         assert got["memory"][loader]["40"]["peak_pss_mb"] > 50  # at least a Python process with torch
