@@ -202,7 +202,7 @@ def export(
         "class_names": student.class_names,
         "mean": student.mean,
         "std": student.std,
-        "preprocessing": preprocessing_spec(student.in_shape, student.mean, student.std),
+        "preprocessing": preprocessing_spec(student.in_shape, student.mean, student.std, student.crop),
         "student": {
             "name": student.name,
             "config": OmegaConf.to_container(run.cfg.student, resolve=True),

@@ -41,26 +41,34 @@ SIDECAR = "model.json"
 
 
 def preprocessing_spec(
-    in_shape: tuple[int, int, int] | list[int], mean: list[float], std: list[float]
+    in_shape: tuple[int, int, int] | list[int], mean: list[float], std: list[float], crop: float = 1.0
 ) -> dict[str, Any]:
-    """How an image file becomes the model's input; recorded in model.json so it can be redone without kdtrain."""
+    """How an image file becomes the model's input; recorded in model.json so it can be redone without kdtrain.
+    `crop` < 1 (a student trained on the stream path, evaluated at size / 0.875 then centre-cropped): every
+    image is resized to cover round(h / crop) x round(w / crop) first."""
     c, h, w = (int(v) for v in in_shape)
     colour = {1: "grayscale (PIL mode L)", 3: "RGB"}.get(c, f"{c} channels")
     color = {1: "L", 3: "RGB"}.get(c)
+    cover_w, cover_h = round(w / crop), round(h / crop)
+    resize = (
+        f"if its size is not {w} x {h} (width x height): resize it, keeping its aspect ratio, so that it covers "
+        f"{w} x {h} (bilinear), then crop the centre {w} x {h}"
+        if crop == 1
+        else f"resize it, keeping its aspect ratio, so that it covers {cover_w} x {cover_h} (width x height, "
+        f"bilinear), then crop the centre {w} x {h}"
+    )
     return {
         "color": color,  # PIL mode: L (grayscale) for 1 channel, RGB for 3
         "size": [h, w],
         "resize": "cover-then-center-crop",  # scale (keeping the aspect) to cover h x w, crop the centre
+        **({"crop": crop} if crop != 1 else {}),  # cover h / crop x w / crop first
         "interpolation": "bilinear",
         "scale": 1 / 255,
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "steps": [
             f"decode the image and convert it to {colour}",
-            (
-                f"if its size is not {w} x {h} (width x height): resize it, keeping its aspect ratio, so that "
-                f"it covers {w} x {h} (bilinear), then crop the centre {w} x {h}"
-            ),
+            resize,
             "scale 8-bit pixel values to [0, 1] (divide by 255)",
             "normalise each channel: (x - mean[c]) / std[c]",
             f"stack as float32 of shape (batch, {c}, {h}, {w})",
@@ -75,10 +83,12 @@ def load_image(path: Path, spec: dict[str, Any]) -> Tensor:
     with Image.open(path) as img:
         img = img.convert(spec["color"])
         h, w = spec["size"]
-        if img.size != (w, h):
+        crop = float(spec.get("crop", 1.0))
+        if img.size != (w, h) or crop != 1:
             # As kdtrain's imagefolder dataset does: no distortion of non-square images.
-            scale = max(w / img.width, h / img.height)
-            new_w, new_h = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+            cover_w, cover_h = round(w / crop), round(h / crop)
+            scale = max(cover_w / img.width, cover_h / img.height)
+            new_w, new_h = max(cover_w, round(img.width * scale)), max(cover_h, round(img.height * scale))
             img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
             left, top = (new_w - w) // 2, (new_h - h) // 2
             img = img.crop((left, top, left + w, top + h))
@@ -123,7 +133,7 @@ def _torch_predictor(student: Any, device: torch.device, description: str) -> Pr
     def run(x: Tensor) -> Tensor:
         return model(x.to(device)).float().cpu()
 
-    spec = preprocessing_spec(student.in_shape, student.mean, student.std)
+    spec = preprocessing_spec(student.in_shape, student.mean, student.std, student.crop)
     return Predictor(run, spec, student.num_classes, student.class_names, description)
 
 

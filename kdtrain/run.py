@@ -19,6 +19,7 @@ from kdtrain.checkpoint import find_resume, load_training_checkpoint, refuse_ano
 from kdtrain.collapse import CollapseWatch, collapse_epoch, warn
 from kdtrain.config import Amp
 from kdtrain.data import Splits, StreamSet, build_dataset
+from kdtrain.data.batches import EVAL_CROP
 from kdtrain.engine import FitSpec, Resume, autocast_dtype, fit, predict, wants_channels_last
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
@@ -225,6 +226,8 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
             "std": splits.std,
             "class_names": class_names(cfg.dataset, splits),  # so kdtrain-predict on the bare file names the classes
         }
+        if isinstance(splits.val, StreamSet):  # evaluated at image_size / 0.875, centre-cropped: predict does so too
+            meta["crop"] = EVAL_CROP
         save_weights(student.state_dict(), run_dir / "student.safetensors", meta)
     baseline = None
     if cfg.baseline and cfg.mode.value != "none":

@@ -22,6 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from kdtrain.checkpoint import load_into, load_state_dict_file
+from kdtrain.data import StreamSet
+from kdtrain.data.batches import EVAL_CROP
 from kdtrain.errors import UserError
 
 STUDENT_FILE = "student.safetensors"
@@ -49,6 +51,7 @@ class Student:
     mean: list[float]
     std: list[float]
     class_names: list[str] | None = None
+    crop: float = 1.0  # the evaluation crop: images resized to cover in_shape / crop, then centre-cropped
 
 
 def note(tool: str, message: str) -> None:
@@ -265,7 +268,15 @@ def load_student_file(path: Path, trust: bool = False) -> Student:
         raise UserError(f"{path} has unusable kdtrain metadata (model is not a config); use the file kdtrain wrote")
     model = _build(meta["model"], num_classes, in_shape, "student", path, "student weights", path, trust)
     return Student(
-        model, path, str(meta["model"].get("name")), num_classes, in_shape, mean, std, meta.get("class_names")
+        model,
+        path,
+        str(meta["model"].get("name")),
+        num_classes,
+        in_shape,
+        mean,
+        std,
+        meta.get("class_names"),
+        float(meta.get("crop", 1.0)),
     )
 
 
@@ -332,7 +343,8 @@ def load_student(
     model_cfg = OmegaConf.to_container(run.cfg.student, resolve=True)
     model = _build(model_cfg, num_classes, in_shape, "student", weights, "student weights", _config_file(run), trust)
     names = class_names(dataset if dataset is not None else run.cfg.dataset, splits)
-    return Student(model, weights, str(model_cfg.get("name")), num_classes, in_shape, mean, std, names)
+    crop = float(meta.get("crop", EVAL_CROP if isinstance(getattr(splits, "val", None), StreamSet) else 1.0))
+    return Student(model, weights, str(model_cfg.get("name")), num_classes, in_shape, mean, std, names, crop)
 
 
 def teacher_weights(run: Run) -> Path | None:

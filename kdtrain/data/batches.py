@@ -183,6 +183,9 @@ def loader(dataset: Decode, plan: Any, workers: int, device: torch.device) -> Da
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator for the workers' base seed: drawing it from the global RNG at each pass would move
+        # the run's RNG (dropout, ...) and break exact resume. Transforms are seeded per sample anyway.
+        generator=torch.Generator(),
     )
 
 
