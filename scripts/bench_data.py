@@ -19,9 +19,9 @@
              the same autocast and, on CUDA, channels_last and cuDNN autotuning, as kdtrain uses them.
    ratio = stream / plain (the goal: >= 1.0).
 3. Peak memory of one-epoch kdtrain runs with dataset.loader=stream and dataset.loader=memory on the --small
-   and the --images folder: the peak, over the run, of the summed proportional set size (PSS: a page shared by
-   n processes counts 1/n to each) of the kdtrain process and all its descendants (the DataLoader workers),
-   polled from /proc every 0.1 s. The stream path's peak should not grow with the dataset (within 100 MB);
+   and the --images folder: the peak, over the run, of the kdtrain process's resident set plus the private
+   pages of all its descendants (the DataLoader workers; pages they share with it count once), polled from
+   /proc every 0.1 s. The stream path's peak should not grow with the dataset (within 100 MB);
    the memory path holds every image as uint8 (3 x 128 x 128 B = 48 KiB each).
 
 The teacher is used as loaded (teacher_train.epochs=0: freshly initialised; speed does not depend on the
@@ -110,22 +110,20 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _pss_bytes(pid: int) -> int:
-    """The proportional set size of `pid` (its resident set when smaps_rollup is unavailable), 0 once gone."""
+def _memory_bytes(pid: int, private_only: bool) -> int:
+    """`pid`'s resident set, or (`private_only`) its private pages alone (0 once it is gone)."""
+    keys = ("Private_Clean:", "Private_Dirty:") if private_only else ("Rss:",)
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     except OSError:
         return 0
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(keys))
 
 
 class TreeMemory:
-    """Polls the summed PSS of a process and its descendants in a thread; `peak` is the largest seen."""
+    """Polls the memory of a process tree in a thread: the process's resident set plus its descendants'
+    private pages (what a forked DataLoader worker shares with it counts once); `peak` is the largest seen.
+    Unlike PSS, this does not depend on how many other processes on the machine map the same libraries."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.pid, self.interval, self.peak, self.peak_processes = pid, interval, 0, 0
@@ -139,7 +137,7 @@ class TreeMemory:
             while i < len(pids):
                 pids += tree.get(pids[i], [])
                 i += 1
-            total = sum(_pss_bytes(p) for p in pids)
+            total = sum(_memory_bytes(p, private_only=p != self.pid) for p in pids)
             if total > self.peak:
                 self.peak, self.peak_processes = total, len(pids)
             self._stop.wait(self.interval)
@@ -171,7 +169,7 @@ def run_measured(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
         tail = log.read_text()[-2000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {rc}; the end of {log}:\n{tail}")
     return {
-        "peak_pss_mb": memory.peak / 2**20,
+        "peak_mb": memory.peak / 2**20,
         "processes_at_peak": memory.peak_processes,
         "wall_seconds": time.perf_counter() - start,
     }
@@ -419,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = attempt(tag, lambda t=tag: run_plain(args, big, args.epochs, work, t))
                 if got:
                     runs[way].append(got)
-                    print(f"round {r} {way}: {got['samples_per_sec']:.1f} samples/s, peak {got['peak_pss_mb']:.0f} MB")
+                    print(f"round {r} {way}: {got['samples_per_sec']:.1f} samples/s, peak {got['peak_mb']:.0f} MB")
                     rates = [run["samples_per_sec"] for run in runs[way]]
                     out["results"][way] = {"samples_per_sec": statistics.median(rates), "runs": runs[way]}
                 save()
@@ -437,18 +435,16 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if got:
                         out["memory"].setdefault(loader, {})[str(n)] = {
-                            "peak_pss_mb": got["peak_pss_mb"],
+                            "peak_mb": got["peak_mb"],
                             "processes_at_peak": got["processes_at_peak"],
                             "samples_per_sec_epoch1": got["samples_per_sec"],
                             "wall_seconds": got["wall_seconds"],
                         }
-                        print(f"memory {loader} on {n} images: peak {got['peak_pss_mb']:.0f} MB")
+                        print(f"memory {loader} on {n} images: peak {got['peak_mb']:.0f} MB")
                     save()
                 runs = out["memory"].get(loader, {})
                 if len(runs) == 2:
-                    out["memory"][loader]["growth_mb"] = (
-                        runs[str(args.images)]["peak_pss_mb"] - runs[str(small)]["peak_pss_mb"]
-                    )
+                    out["memory"][loader]["growth_mb"] = runs[str(args.images)]["peak_mb"] - runs[str(small)]["peak_mb"]
         out["complete"] = not out["errors"]
         save()
     if out["errors"]:

@@ -58,7 +58,7 @@ else
     "fp32|65|95|--amp off"
     "bf16_cl_compile|110|155|--amp bf16 --channels-last --compile --ways engine,cached,student_alone"
   )
-  STREAM_CAP=90
+  STREAM_CAP=120
   STREAM=(--device cuda --amp bf16 --epochs 4 --batch-size 256 --model teacher=torchvision --model student=torchvision)
 fi
 
