@@ -417,6 +417,7 @@ class _Training:
         if self.student_capture is not None:
             self.student_capture.remove()
         self.source.close()
+        self.batches.close()  # the stream path's worker processes
 
     def term_states(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """(`adapter`: the feat term's state, as before; `terms`: every other term's state that is not empty)."""

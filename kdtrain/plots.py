@@ -129,6 +129,6 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, teacher_acc: float | N
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = Path(out_dir) / f"sweep_{key.replace('/', '_')}.png"
-        fig.savefig(out, dpi=100)
+        atomic_write(out, lambda p, fig=fig: fig.savefig(p, dpi=100, format="png"))  # no torn plot on a crash
         written.append(out)
     return written

@@ -390,6 +390,15 @@ def load_teacher(
     path = teacher_weights(run)
     if path is None:
         return None
+    from kdtrain.checkpoint import file_sha256
+    from kdtrain.teacher import sidecar_sha256
+
+    expected = sidecar_sha256(path)  # the store's meta.json, or a checkpoint's PATH.sha256
+    if expected is not None and file_sha256(path) != expected:
+        raise UserError(
+            f"the teacher weights {path} fail the sha256 recorded beside them: the file changed after it was "
+            "written (corrupt); run kdtrain again with this config to store the teacher anew"
+        )
     model_cfg = OmegaConf.to_container(run.cfg.teacher, resolve=True)
     return _build(model_cfg, num_classes, in_shape, "teacher", path, "teacher weights", _config_file(run), trust), path
 

@@ -106,6 +106,19 @@ def test_eval_reproduces_the_runs_last_accuracy(run_dir: Path, summary: dict, tm
         assert Path(report["confusion_png"]).stat().st_size > 1000
 
 
+def test_eval_refuses_a_teacher_that_fails_its_checksum(run_dir: Path, summary: dict, tmp_path: Path, capsys):
+    from kdtrain.evaluate import main
+
+    weights = Path(summary["teacher"]["source"]) / "teacher.safetensors"
+    good = weights.read_bytes()
+    try:
+        weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit, meta.json's sha256 unchanged
+        code, err = _exit_code_and_stderr(capsys, main, [str(run_dir), "--teacher", "--device", "cpu"])
+    finally:
+        weights.write_bytes(good)
+    assert code == 2 and "fail the sha256" in err and str(weights) in err
+
+
 def test_eval_teacher_matches_the_runs_teacher(run_dir: Path, summary: dict, tmp_path: Path):
     from kdtrain.evaluate import main
 

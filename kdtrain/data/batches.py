@@ -24,6 +24,7 @@ once, counted in `bad_reads`, and replaced by another sample of its batch.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Iterator
@@ -79,10 +80,16 @@ class _Order:
         return torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
 
     def _share(self, order: Tensor, i: int) -> Tensor:
-        """This rank's samples of global batch `i`."""
-        b = self.batch_size * self.world
-        idx = order[i * b : (i + 1) * b]
-        return torch.tensor_split(idx, self.world)[self.rank] if self.world > 1 else idx
+        return share(order, i, self.batch_size, self.rank, self.world)
+
+    def close(self) -> None:
+        """Release what the batches hold beyond memory (the stream path's worker processes)."""
+
+
+def share(order: Tensor, i: int, batch_size: int, rank: int, world: int) -> Tensor:
+    """Rank `rank`'s samples of global batch `i` of `order` (global batches of `batch_size * world`)."""
+    idx = order[i * batch_size * world : (i + 1) * batch_size * world]
+    return torch.tensor_split(idx, world)[rank] if world > 1 else idx
 
 
 class DeviceBatches(_Order):
@@ -161,27 +168,35 @@ class Decode(Dataset):
 
 
 class _Plan:
-    """The DataLoader's batch sampler: the batches of the current epoch, set before each pass (the
-    sampler runs in the main process, so persistent workers see every epoch's plan)."""
+    """The DataLoader's batch sampler: this rank's share of the current epoch's batches `first`.. as lists of
+    (sample, its augmentation seed), made as the loader asks for them (an epoch of a million samples is one
+    int64 tensor, not a million tuples). Set before each pass; the sampler runs in the main process, so
+    persistent workers see every epoch's plan."""
 
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
+    def __init__(self, batch_size: int, rank: int, world: int) -> None:
+        # Numbers only, no reference back to the StreamBatches: a reference cycle would leave a finished
+        # loader to the cyclic garbage collector, which may then run in a forked worker (see StreamBatches).
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.order, self.first, self.stop, self.seed = torch.arange(0), 0, 0, 0
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.batches)
+        for b in range(self.first, self.stop):
+            idx = share(self.order, b, self.batch_size, self.rank, self.world)
+            yield [(i, (self.seed + i) % SEED_MOD) for i in idx.tolist()]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.stop - self.first
 
 
-def loader(dataset: Decode, plan: Any, workers: int, device: torch.device) -> DataLoader:
-    """A DataLoader over `plan`'s batches: `workers` processes (persistent, prefetching), pinned memory on CUDA."""
+def loader(dataset: Decode, plan: Any, workers: int, device: torch.device, persistent: bool) -> DataLoader:
+    """A DataLoader over `plan`'s batches: `workers` processes (prefetching; `persistent`: kept from one pass to
+    the next), pinned memory on CUDA."""
     return DataLoader(
         dataset,
         batch_sampler=plan,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Its own generator for the workers' base seed: drawing it from the global RNG at each pass would move
         # the run's RNG (dropout, ...) and break exact resume. Transforms are seeded per sample anyway.
@@ -197,25 +212,28 @@ class StreamBatches(_Order):
         self.data, self.device = data, device
         self.y = data.y.to(device)
         self.normalise = Normalise(data.mean, data.std)
-        self.plan = _Plan()
+        self.plan = _Plan(batch_size, self.rank, self.world)
         kind = "train" if data.augment else "eval"
-        self.loader = loader(
-            Decode(data.source, data.rows, data.size, data.channels, kind), self.plan, data.workers, device
-        )
+        # Training batches keep their workers from epoch to epoch; a single pass (evaluation) ends them with it.
+        decode = Decode(data.source, data.rows, data.size, data.channels, kind)
+        self.loader = loader(decode, self.plan, data.workers, device, persistent=shuffle)
         self.bad_names: set[str] = set()  # logged once each
+        self.forked = False
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         return self.epoch()
 
     def epoch(self, first: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """One pass in a new order (drawn from `generator`), starting at batch `first` (to resume mid-epoch)."""
-        order = self._order()
+        self.plan.order, self.plan.first, self.plan.stop = self._order(), first, len(self)
         # The epoch's augmentation seed comes from the same generator, after the order: a resumed epoch
         # (generator state restored) draws the same crops and flips.
-        seed = int(torch.randint(0, SEED_MOD, (), generator=self.generator)) if self.data.augment else 0
-        self.plan.batches = [
-            [(i, (seed + i) % SEED_MOD) for i in self._share(order, b).tolist()] for b in range(first, len(self))
-        ]
+        self.plan.seed = int(torch.randint(0, SEED_MOD, (), generator=self.generator)) if self.data.augment else 0
+        if self.data.workers > 0 and not self.forked:
+            # Collect garbage before forking workers: a finished DataLoader left in a reference cycle would be
+            # collected inside a worker, whose shutdown code then closes file descriptors the worker uses.
+            gc.collect()
+            self.forked = True
         for x, idx, bad in self.loader:
             if any(bad):
                 x, idx = self._replace_bad(x, idx, bad)
@@ -244,6 +262,14 @@ class StreamBatches(_Order):
         x, idx = x.clone(), idx.clone()
         x[broken], idx[broken] = x[take], idx[take]
         return x, idx
+
+    def close(self) -> None:
+        """End the persistent workers now, not whenever this object is collected (DataLoader has no public way:
+        its kept iterator is shut down)."""
+        kept = getattr(self.loader, "_iterator", None)
+        if kept is not None and hasattr(kept, "_shutdown_workers"):
+            kept._shutdown_workers()
+        self.loader._iterator = None
 
 
 Batches = DeviceBatches | StreamBatches

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +100,7 @@ def splits_from_sources(
     image stops the run with its name (`dataset.bad_images=fail`), or is left out (skip)."""
     size = image_size(cfg, default_size)
     workers = decode_workers(cfg)
-    skip = _setting(cfg, "bad_images", "fail") == "skip"
+    skip = cfg.get("bad_images", "fail") == "skip"  # .get: a dataset config written before these keys
     channels = _channels(train, val, skip)
     mean, std = ([0.5], [0.5]) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     if not _use_memory(cfg, (len(train) + len(val)) * channels * size * size):
@@ -117,15 +116,10 @@ def splits_from_sources(
     return splits
 
 
-def _setting(cfg: DictConfig, key: str, default: Any) -> Any:
-    """A dataset key's value; `default` for a config without it (e.g. one written by hand)."""
-    return cfg.get(key, default)
-
-
 def decode_workers(cfg: DictConfig) -> int:
     """`dataset.workers`, or (null) this process's share of the machine's cores: the ranks of a torchrun
     machine split them."""
-    workers = _setting(cfg, "workers", None)
+    workers = cfg.get("workers")
     if workers is not None:
         return int(workers)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -134,11 +128,11 @@ def decode_workers(cfg: DictConfig) -> int:
 
 def _use_memory(cfg: DictConfig, nbytes: int) -> bool:
     """loader=memory|stream as chosen; auto: memory when the uint8 pixels fit dataset.memory_budget_gb (logged)."""
-    loader = _setting(cfg, "loader", "memory")
+    loader = cfg.get("loader", "memory")
     if loader != "auto":
         log.info("data: the %s path (dataset.loader=%s)", loader, loader)
         return loader == "memory"
-    budget = float(_setting(cfg, "memory_budget_gb", 4.0))
+    budget = float(cfg.memory_budget_gb)
     memory = nbytes <= budget * 1e9
     log.info(
         "data: the %s path (dataset.loader=auto): train + val take %.2f GB as uint8 pixels, %s "
@@ -179,7 +173,7 @@ def _decode_all(
     ok = torch.ones(n, dtype=torch.bool)
     plan = [[(i, 0) for i in range(start, min(start + DECODE_BATCH, n))] for start in range(0, n, DECODE_BATCH)]
     decode = Decode(source, torch.arange(n), size, channels, "square")
-    for images, idx, bad in loader(decode, plan, min(workers, len(plan)), torch.device("cpu")):
+    for images, idx, bad in loader(decode, plan, min(workers, len(plan)), torch.device("cpu"), persistent=False):
         x[idx] = images
         for i, message in zip(idx.tolist(), bad):
             if message and not skip:
