@@ -192,6 +192,6 @@ def hf(cfg: DictConfig) -> Splits:
 def _hf_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
     """Classes from the labels; channels from the images' headers, read up to the first colour image."""
     train, val, num_classes, _ = _sources(cfg)
-    channels = _channels(train, val, skip=False)
+    channels = _channels(train, val, skip=cfg.get("bad_images", "fail") == "skip")
     size = image_size(cfg, DEFAULT_SIZE)
     return num_classes, (channels, size, size)

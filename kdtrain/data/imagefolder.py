@@ -18,11 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
-from PIL import Image
 
 from kdtrain.data import Splits, register, register_shape
-from kdtrain.data.common import dataset_root, image_size, splits_from_sources
-from kdtrain.data.sources import GRAY_MODES, READ_ERRORS, FileSource
+from kdtrain.data.common import _channels, dataset_root, image_size, splits_from_sources
+from kdtrain.data.sources import FileSource
 from kdtrain.errors import UserError
 
 HOLDS = "train/ and val/ with one subfolder of images per class"
@@ -104,20 +103,7 @@ def folder_shape(
     """Classes from train/'s subfolders; channels from the image headers (no pixels decoded; headers are
     read up to the first colour image)."""
     classes = classes_of(train_dir)
+    train, val = (folder_source(d, classes, require_each=False) for d in (train_dir, val_dir))
+    channels = _channels(train, val, skip=cfg.get("bad_images", "fail") == "skip")
     size = image_size(cfg, default_size)
-    channels = 1
-    for split_dir in (train_dir, val_dir):
-        for path, _ in _files(split_dir, classes, require_each=False):
-            try:
-                with Image.open(path) as img:
-                    mode = img.mode
-            except READ_ERRORS as e:
-                raise UserError(
-                    f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it"
-                ) from None
-            if mode not in GRAY_MODES:
-                channels = 3
-                break
-        if channels == 3:
-            break
     return len(classes), (channels, size, size)
