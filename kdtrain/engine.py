@@ -3,19 +3,24 @@ kdtrain.terms; the loop knows none of them by name).
 
 Per step (`_Training.train_epoch`): forward (student, and the teacher without grad in eval mode, or
 its cache: `TeacherSource`) under one autocast context, the loss terms (float32 math), the
-non-finite check, the optimizer step (a GradScaler only for float16), the meters (`Meters`: summed on
-the device and read once per epoch; the step's one host sync is the non-finite-loss check).
-With a teacher cache (teacher_cache.py) the teacher's forward pass is skipped: its logits and
-features are looked up by sample index. On CUDA: cuDNN autotuning, channels_last for conv nets,
-optionally torch.compile on the student (checkpoints hold the uncompiled module's weights).
+non-finite flag, the optimizer step (fused; a GradScaler only for float16), the meters (`Meters`).
+Nothing in a step waits for the device: a non-finite loss drops its step's update on the device (the
+fused optimizer's found_inf), metrics are summed on the device, and the flags are read every
+POLL_STEPS steps and at the epoch's end. With a teacher cache (teacher_cache.py) the teacher's forward
+pass is skipped: its logits and features are looked up by sample index. Under autocast the live
+teacher runs as a copy cast once to the autocast dtype. On CUDA: cuDNN autotuning, channels_last for
+conv nets, optionally torch.compile on the student with static shapes (checkpoints hold the uncompiled
+module's weights).
 
 Every epoch ends with checkpoints/last.pt holding everything to continue exactly (weights, optimizer,
 schedule, scaler, RNG states, data order, metrics history); SIGINT/SIGTERM (under `stop_on_signals`)
-end the current step and write a mid-epoch checkpoint that resumes at the next step.
+end the current step (under torchrun: the step at which all ranks next read the step log) and write a
+mid-epoch checkpoint that resumes at the next step.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -28,9 +33,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -48,6 +55,9 @@ log = logging.getLogger("kdtrain")
 
 # nan_policy=skip: more than this share of an epoch's steps skipped is a console warning (all of them: an error).
 SKIP_WARN_SHARE = 0.1
+# The steps' non-finite and signal flags are read on the host every this many steps (and at an epoch's end):
+# the one host sync of the training loop, instead of one a step.
+POLL_STEPS = 16
 
 
 @dataclass
@@ -67,7 +77,15 @@ class FitSpec:
         True  # under torchrun, train across the ranks (False: this process alone, e.g. rank 0's teacher)
     )
     channels_last: bool | None = None  # None: on CUDA for models with conv layers (faster convs, tensor cores)
-    compile: bool = False  # torch.compile the student's forward pass
+    compile: bool = False  # torch.compile the student's forward pass (static shapes: the last batch is dropped)
+
+
+def plain_schedule(sched: Any) -> Any:
+    """The scheduler config as plain values, for `lr_factor` at every step (an OmegaConf attribute read
+    costs ~10 us, and LambdaLR reads several a step: a sixth of a digits step)."""
+    if isinstance(sched, DictConfig):
+        return SimpleNamespace(**OmegaConf.to_container(sched, resolve=True))
+    return sched
 
 
 def lr_factor(sched: Any, epoch: float, total_epochs: int) -> float:
@@ -82,9 +100,47 @@ def lr_factor(sched: Any, epoch: float, total_epochs: int) -> float:
 
 
 def make_optimizer(params: list[Tensor], opt: Any, lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW, fused (one kernel for every parameter, and a `found_inf` flag that drops a step on the
+    device) where torch has fused kernels for the parameters: CUDA and CPU."""
+    fused = supports_fused(params)
     if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=fused or None
+        )
+    sgd = torch.optim.SGD(
+        params,
+        lr=lr,
+        momentum=opt.momentum,
+        nesterov=opt.nesterov,
+        weight_decay=opt.weight_decay,
+        fused=fused or None,
+    )
+    prepare_fused(sgd)
+    return sgd
+
+
+def supports_fused(params: list[Tensor]) -> bool:
+    return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+
+
+def prepare_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Make a fused optimizer's state fit its kernels (after building it, and after loading a checkpoint that
+    may come from a non-fused one).
+
+    SGD: a zero momentum buffer for every parameter that has none. The fused kernel fails on a parameter
+    without one among others that have one (a term or layer whose first gradient comes later, as after
+    FitNets' hint stage), and a first step dropped by `found_inf` would leave the buffers uninitialised.
+    With dampening 0 a zero buffer gives the same first step as torch's (buffer = gradient).
+    AdamW: the step counts live on the parameters' device (a non-fused checkpoint keeps them on the CPU)."""
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            if isinstance(optimizer, torch.optim.SGD) and group["momentum"] != 0:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -171,7 +227,7 @@ class Interrupted(Exception):
 
 
 class _StopRequest:
-    signum: int | None = None  # set by the signal handler; the loop reads it after every step (no sync)
+    signum: int | None = None  # set by the signal handler; the loop reads it after every step (a Python value)
 
 
 STOP = _StopRequest()
@@ -219,6 +275,22 @@ def _finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack(floats).all()) if floats else True
 
 
+# Normalisation layers keep float32 weights in a teacher cast to the autocast dtype: eval-mode BatchNorm
+# takes a bf16/fp16 input with float32 statistics (cuDNN requires that pairing), and autocast runs
+# LayerNorm/GroupNorm in float32 anyway.
+_FLOAT_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def cast_frozen(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the frozen teacher with its weights in the autocast `dtype`, normalisation layers aside, so
+    autocast does not cast the same weights again at every step (the caller's teacher is left as it is)."""
+    cast = copy.deepcopy(teacher).to(dtype)
+    for m in cast.modules():
+        if isinstance(m, _FLOAT_NORMS):
+            m.float()
+    return cast
+
+
 class TeacherSource:
     """Where the teacher's outputs come from at a step: a forward pass of the frozen teacher (hooks
     capture its features), or the teacher cache looked up by sample index. It also prepares the
@@ -231,10 +303,13 @@ class TeacherSource:
         teacher: nn.Module | None,
         cache: TeacherCache | None,
         augment: Callable[[Tensor], Tensor] | None,
+        amp_dtype: torch.dtype | None = None,
     ):
         self.needed, self.augment = terms.needs_teacher, augment
         self.cache = cache if self.needed else None
         self.teacher = teacher if self.needed and self.cache is None else None
+        if self.teacher is not None and amp_dtype is not None:
+            self.teacher = cast_frozen(self.teacher, amp_dtype)
         self.layers = terms.layers("teacher")
         if self.needed and teacher is None and cache is None:
             raise ValueError(f"a teacher is needed for the {', '.join(terms.names)} terms")
@@ -284,20 +359,19 @@ class Meters:
         self.columns, self.device = columns, device
         self.sums = torch.zeros(4 + len(columns), device=device)
 
-    def add(self, logits: Tensor, y: Tensor, loss: Tensor, values: dict[str, Tensor]) -> None:
+    def losses(self, loss: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """A step's [total loss, one value per column] (0 for a term not computed), float32 on the device."""
+        zero = torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().float(), *(values.get(c, zero).detach().float() for c in self.columns)])
+
+    def add(self, logits: Tensor, y: Tensor, losses: Tensor, ok: Tensor) -> None:
+        """Add a step's counts and `losses` (see `losses`) when `ok` (a bool tensor: the step updated the
+        weights), without leaving the device."""
         with torch.no_grad():
             labelled = y >= 0
-            n = torch.tensor(float(len(y)), device=self.device)
-            zero = torch.zeros((), device=self.device)
-            self.sums += torch.stack(
-                [
-                    n,
-                    labelled.sum().float(),
-                    ((logits.argmax(1) == y) & labelled).sum().float(),
-                    loss.detach().float() * n,
-                    *(values.get(c, zero).detach().float() * n for c in self.columns),
-                ]
-            )
+            counts = torch.stack([labelled.sum(), ((logits.argmax(1) == y) & labelled).sum()]).float()
+            n = torch.full((1,), float(len(y)), device=self.device)  # a fill kernel, not a host-to-device copy
+            self.sums += torch.where(ok, torch.cat([n, counts, losses * len(y)]), 0.0)
 
     @staticmethod
     def row(columns: list[str], totals: list[float]) -> dict[str, float]:
@@ -330,7 +404,7 @@ class _Training:
         self.model, self.spec, self.device, self.terms = model, spec, device, terms
         if teacher is not None:
             teacher.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, no grad
-        self.source = TeacherSource(terms, teacher, teacher_cache, augment)
+        self.source = TeacherSource(terms, teacher, teacher_cache, augment, amp_dtype)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks the fastest kernels once
         self.channels_last = wants_channels_last(spec.channels_last, device, model)
@@ -340,32 +414,32 @@ class _Training:
                 self.source.teacher.to(memory_format=torch.channels_last)
         self.ddp = spec.distributed and distributed.enabled() and torch.distributed.is_initialized()
         self.world, self.rank = (distributed.world_size(), distributed.rank()) if self.ddp else (1, 0)
-        # The training forward may be compiled; `model` (the original module) is what is checkpointed,
-        # evaluated and returned, so its state dict has no `_orig_mod.` prefixes.
-        self.forward: nn.Module = model
         if self.ddp:
-            # The student is wrapped in DDP (gradients averaged across ranks, rank 0's weights broadcast
-            # at the start); hooks stay on `model`'s modules. The terms' few gradients (adapters, heads) are
-            # averaged by hand after backward. A term that starts later leaves parameters without gradients.
-            self.forward = DDP(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=terms.delayed,
-            )
             for t in [*terms.parameters(), *terms.buffers()]:  # every rank starts from rank 0's term state
                 torch.distributed.broadcast(t.data, src=0)
-        if spec.compile:
-            self.forward = torch.compile(self.forward)
+        # The training forwards, built when first needed (`forward_at`): `model` (the original module) is what
+        # is checkpointed, evaluated and returned, so its state dict has no `_orig_mod.` or `module.` prefixes.
+        self.forwards: dict[bool, nn.Module] = {}
         self.student_capture = Capture(model, terms.layers("student"), "student") if terms.layers("student") else None
         # The terms' parameters are training state: optimised, checkpointed and resumed with the student.
-        params = [p for p in list(model.parameters()) + list(terms.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(params, spec.optimizer, spec.lr)
+        self.params = [p for p in list(model.parameters()) + list(terms.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, spec.optimizer, spec.lr)
+        self.fused = bool(self.optimizer.param_groups[0]["fused"])
+        # compile=true: every batch has one shape (the smaller last batch is dropped), so nothing recompiles.
         self.batches = make_batches(
-            train, spec.batch_size, device, shuffle=True, seed=spec.seed, rank=self.rank, world=self.world
+            train,
+            spec.batch_size,
+            device,
+            shuffle=True,
+            seed=spec.seed,
+            rank=self.rank,
+            world=self.world,
+            drop_last=spec.compile,
         )
         self.steps_per_epoch = steps = len(self.batches)
+        schedule = plain_schedule(spec.scheduler)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(spec.scheduler, step / steps, spec.epochs)
+            self.optimizer, lambda step: lr_factor(schedule, step / steps, spec.epochs)
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
         self.autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -374,12 +448,31 @@ class _Training:
         self.history: list[dict[str, Any]] = []
         self.best = {"val_acc": -1.0, "epoch": 0}
 
-    def step(self, x: Tensor, y: Tensor, idx: Tensor, epoch: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward_at(self, epoch: int) -> nn.Module:
+        """The student's training forward at `epoch` (built once per kind, compiled when asked).
+
+        Under torchrun, DDP finds the parameters that get gradients from the logits, so while a term in
+        force is still off (FitNets' hint stage, a later `start_epoch`) the loss may come from a hooked
+        activation alone and the layers after it never get the gradients DDP waits for. Until every term is
+        on, the plain student trains and `update` averages all gradients by hand after backward (DDP's
+        BatchNorm buffers are rank 0's again when it takes over); then DDP overlaps that with backward."""
+        wrap = self.ddp and not self.terms.some_off(epoch)
+        if wrap not in self.forwards:
+            forward = self.model
+            if wrap:
+                forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # Static shapes (dynamic=False): with the last batch dropped, one graph serves every step.
+            self.forwards[wrap] = torch.compile(forward, dynamic=False) if self.spec.compile else forward
+        return self.forwards[wrap]
+
+    def step(
+        self, forward: nn.Module, x: Tensor, y: Tensor, idx: Tensor, epoch: int
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Forward and loss terms of one batch: (student logits, loss, each term's value)."""
         x, view = self.source.inputs(x, idx)
         x = _step_input(x, self.channels_last)
         with self.autocast:
-            logits = self.forward(x)
+            logits = forward(x)
             teacher_logits, teacher_feats = self.source.outputs(x, idx, view)
             student_feats = (
                 dict(zip(self.terms.layers("student"), self.student_capture.pop())) if (self.student_capture) else {}
@@ -388,25 +481,36 @@ class _Training:
             values, loss = self.terms(batch)
         return logits, loss, values
 
-    def update(self, loss: Tensor, batch_size: int, i: int) -> None:
-        """Backward and optimizer step."""
+    def update(self, loss: Tensor, found_inf: Tensor, batch_size: int, i: int, by_hand: bool) -> None:
+        """Backward and optimizer step; the step is dropped when `found_inf` (a float tensor, 1 or 0) is 1,
+        decided on the device: the fused optimizers take the flag as GradScaler passes theirs."""
         if self.ddp:
             # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the
             # global batch makes that average the gradient of the global batch's mean.
             loss = loss * (batch_size * self.world / self.batches.global_size(i))
+        if self.scaler.is_enabled():
+            # float16: GradScaler drops a step whose gradients are not finite; a NaN factor makes them so
+            # whenever found_inf is set (a non-finite loss can have finite gradients).
+            loss = loss * torch.where(found_inf > 0, torch.nan, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.ddp:
-            distributed.average_gradients(list(self.terms.parameters()))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-
-    def skip(self) -> None:
-        """A dropped step (nan_policy=skip): the schedule follows the batches, updated or not."""
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when step 1 is skipped
-            warnings.simplefilter("ignore")
-            self.scheduler.step()
+        if self.ddp:  # the parameters DDP does not average: the terms', or all of them outside DDP
+            distributed.average_gradients(self.params if by_hand else list(self.terms.parameters()))
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            self.optimizer.found_inf = found_inf
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not found_inf.item():  # an optimizer without fused kernels here: one host sync a step
+            self.optimizer.step()
+        else:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" when step 1 is dropped
+                warnings.simplefilter("ignore")
+                self.scheduler.step()
+            return
+        self.scheduler.step()  # the schedule follows the batches, updated or not
 
     def clear_hooks(self) -> None:
         """Hooks keep nothing past a step: drop what evaluation forwards captured."""
@@ -449,10 +553,18 @@ class _Training:
 
     def train_epoch(self, epoch: int, partial: dict[str, Any] | None) -> tuple[list[float], float, int]:
         """One epoch from its first step (or where `partial` stopped): (the meters' totals over every rank,
-        seconds, skipped steps). A SIGINT/SIGTERM ends it after the current step with a mid-epoch checkpoint."""
+        seconds, skipped steps). A SIGINT/SIGTERM ends it after the current step (under torchrun: at the next
+        read of the step log, on every rank at the same step) with a mid-epoch checkpoint.
+
+        No step waits for the device: each step's non-finite flag drops its update on the device
+        (`update`'s found_inf) and goes to a step log on the device with the step's losses; the log is read
+        every POLL_STEPS steps and at the epoch's end (with the metrics: one host sync), which counts the
+        dropped steps (nan_policy=skip) or raises naming the first bad step and term (stop: from that step
+        on every update is dropped, and nothing is saved before the read)."""
         spec, batches = self.spec, self.batches
         self.model.train()
         self.terms.train()
+        forward, by_hand = self.forward_at(epoch), self.ddp and self.terms.some_off(epoch)
         order = batches.generator.get_state()  # this epoch's data order, for a mid-epoch checkpoint
         meters = Meters(self.terms.columns, self.device)
         first, skipped, seconds_before = 0, 0, 0.0
@@ -466,6 +578,8 @@ class _Training:
             batches.generator.set_state(order)
             if self.rank == 0:  # the saved sums are all ranks' together
                 meters.sums[: len(partial["sums"])] = partial["sums"].to(self.device)
+        step_log = _StepLog(first, len(self.terms.columns), self.device)
+        tripped = torch.zeros((), device=self.device)  # nan_policy=stop: a bad step was seen (device-side)
         start = time.perf_counter()
         show_bar = spec.progress == "bar" or (spec.progress == "auto" and sys.stderr.isatty())
         bar = tqdm(
@@ -478,27 +592,39 @@ class _Training:
             total=self.steps_per_epoch,
         )
         for i, (x, y, idx) in enumerate(bar, start=first):
-            logits, loss, values = self.step(x, y, idx, epoch)
-            # The loop's one host sync per step, and worth it: the verdict must come before
-            # optimizer.step(), so a non-finite loss never reaches the weights (stop: last.pt stays
-            # good and the error names the step; skip: the update is dropped). It waits for the
-            # forward pass only (backward is not queued yet); on the CPU nothing is queued at all, and
-            # with fp16 GradScaler.step() syncs once per step anyway.
-            finite, stop = _step_verdict(loss, self.ddp)
-            if finite:
-                self.update(loss, len(idx), i)
-                meters.add(logits, y, loss, values)
-            elif spec.nan_policy == "skip":
-                skipped += 1
-                self.skip()
+            logits, loss, values = self.step(forward, x, y, idx, epoch)
+            losses = meters.losses(loss, values)
+            flags = _step_flags(losses[0], self.ddp)
+            if spec.nan_policy == "skip":
+                found_inf = flags[0]
             else:
+                found_inf = tripped = torch.maximum(tripped, flags[0])
+            self.update(loss, found_inf, len(idx), i, by_hand)
+            meters.add(logits, y, losses, found_inf == 0)
+            step_log.add(flags, losses)
+            last = i + 1 == self.steps_per_epoch
+            signalled = not self.ddp and STOP.signum is not None  # one process: seen on the host at once
+            if not (step_log.full or last or signalled):
+                continue
+            if last:
+                sums = distributed.all_reduce_sum(meters.sums) if self.ddp else meters.sums
+                rows, totals = step_log.read(sums)
+            else:
+                rows, _ = step_log.read()
+            bad = [s for s, row in rows if row[0]]
+            if bad and spec.nan_policy != "skip":
                 bar.close()
-                _stop_non_finite(spec, values, epoch, i + 1, self.steps_per_epoch, self.last_path)
-            if stop and i + 1 < self.steps_per_epoch:
+                row = dict(rows)[bad[0]]
+                named = dict(zip(self.terms.columns, row[3:]))
+                _stop_non_finite(spec, named, epoch, bad[0] + 1, self.steps_per_epoch, self.last_path)
+            skipped += len(bad)
+            signum = max((int(row[1]) for _, row in rows), default=0) if self.ddp else 0
+            if signum and STOP.signum is None:
+                STOP.signum = signum  # another rank's signal
+            if (signalled or signum) and not last:
                 bar.close()
                 self._save_mid_epoch(epoch, i, order, meters, skipped, seconds_before + time.perf_counter() - start)
                 raise Interrupted(STOP.signum, self.last_path, f"epoch {epoch}, step {i + 1}/{self.steps_per_epoch}")
-        totals = (distributed.all_reduce_sum(meters.sums) if self.ddp else meters.sums).tolist()  # one sync an epoch
         bar.close()
         return totals, seconds_before + time.perf_counter() - start, skipped
 
@@ -647,6 +773,7 @@ def _restore(resume: Resume, t: _Training) -> dict[str, Any] | None:
     lr = spec.lr * lr_factor(spec.scheduler, scheduler.last_epoch / steps_per_epoch, spec.epochs)
     for group, own in zip(optimizer.param_groups, recipe):
         group.update(own, initial_lr=spec.lr, lr=lr)
+    prepare_fused(optimizer)
     _set_rng_state(s["rng"], t.batches, t.device)
     t.history = [dict(row) for row in s["history"]]
     if len(t.history) != int(s["epoch"]):
@@ -692,18 +819,45 @@ def _repair_best(resume: Resume, best_path: Path) -> None:
     save_checkpoint(s, best_path)
 
 
-def _step_verdict(loss: Tensor, ddp: bool) -> tuple[bool, bool]:
-    """(the loss is finite on every rank, a SIGINT/SIGTERM reached any rank): under torchrun one small
-    collective a step, as ranks must agree on both or their next collectives would hang."""
-    bad = (~torch.isfinite(loss.detach())).float()
+def _step_flags(loss: Tensor, ddp: bool) -> Tensor:
+    """[the loss is not finite, a SIGINT/SIGTERM arrived] as floats on the device, nothing read on the host.
+    Under torchrun both are the maximum over the ranks (one small all-reduce a step, which on NCCL the host
+    does not wait for), so every rank drops the same steps and stops at the same one; in one process the
+    signal is seen on the host at once and the flag is the loss's alone."""
+    bad = (~torch.isfinite(loss)).float()
     if not ddp:
-        return not bool(bad), STOP.signum is not None
-    flags = torch.stack([bad, torch.tensor(float(STOP.signum or 0), device=loss.device)])
+        return bad.unsqueeze(0)
+    flags = torch.stack([bad, torch.full((), float(STOP.signum or 0), device=loss.device)])  # a fill, not a copy
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    bad_any, signum = flags.tolist()
-    if signum and STOP.signum is None:
-        STOP.signum = int(signum)
-    return not bad_any, bool(signum)
+    return flags
+
+
+class _StepLog:
+    """Each step's flags (`_step_flags`) and losses (`Meters.losses`) on the device since the last read:
+    one row per step, [non-finite, signal, total loss, one value per metrics column], read on the host
+    every POLL_STEPS steps, not every step."""
+
+    def __init__(self, first: int, columns: int, device: torch.device):
+        self.rows = torch.zeros(POLL_STEPS, 3 + columns, device=device)
+        self.first, self.n = first, 0  # the step index of rows[0], the rows written
+
+    @property
+    def full(self) -> bool:
+        return self.n == POLL_STEPS
+
+    def add(self, flags: Tensor, losses: Tensor) -> None:
+        self.rows[self.n, : len(flags)] = flags
+        self.rows[self.n, 2:] = losses
+        self.n += 1
+
+    def read(self, extra: Tensor | None = None) -> tuple[list[tuple[int, list[float]]], list[float]]:
+        """((step index, [flags..., losses...]) per step logged, `extra` read along (one host sync)); empties it."""
+        values = self.rows[: self.n].flatten()
+        flat = (torch.cat([values, extra]) if extra is not None else values).tolist()
+        width, n = self.rows.shape[1], self.n
+        rows = [(self.first + k, flat[k * width : (k + 1) * width]) for k in range(n)]
+        self.first, self.n = self.first + n, 0
+        return rows, flat[n * width :]
 
 
 def _stop_requested(ddp: bool, device: torch.device) -> bool:
@@ -755,14 +909,11 @@ def _nan_hint(spec: FitSpec) -> str:
 
 
 def _stop_non_finite(
-    spec: FitSpec, terms: dict[str, Tensor], epoch: int, batch: int, steps_per_epoch: int, last_path: Path | None
+    spec: FitSpec, terms: dict[str, float], epoch: int, batch: int, steps_per_epoch: int, last_path: Path | None
 ) -> None:
     """nan_policy=stop: raise naming the step and the term. last.pt is left as it is: it holds the end
     of the previous epoch, whose weights were checked finite before it was written."""
-    bad = (
-        ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items() if not bool(torch.isfinite(t)))
-        or "the total"
-    )
+    bad = ", ".join(f"{name}={value:g}" for name, value in terms.items() if not math.isfinite(value)) or "the total"
     raise UserError(
         f"{spec.label}: the loss went non-finite at epoch {epoch}, step {batch}/{steps_per_epoch} ({bad}); "
         f"{_keep_note(last_path)}; {_nan_hint(spec)}"

@@ -34,6 +34,11 @@ from kdtrain.trackers import Trackers, current, tracking
 
 log = logging.getLogger("kdtrain")
 
+# sync_bn=true below this per-rank batch gets a warning: torch's SyncBatchNorm adds a host sync (a boolean mask)
+# and two small collectives (all-gather forward, all-reduce backward) per BatchNorm layer at every step, which
+# for small nets likely costs more than the statistics gain.
+SYNC_BN_MIN_BATCH = 32
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -117,6 +122,28 @@ def _epoch_sink(
     return on_epoch
 
 
+def _sync_bn(student: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """sync_bn=true under torchrun on CUDA: the student's BatchNorm layers as SyncBatchNorm (statistics over
+    the global batch), with a warning when the per-rank batch is small."""
+    if not (cfg.sync_bn and distributed.enabled()):
+        return student
+    if device.type != "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
+        log.warning("sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type)
+        return student
+    if cfg.batch_size < SYNC_BN_MIN_BATCH:
+        log.warning(
+            "sync_bn=true with batch_size=%d per rank: SyncBatchNorm adds a host sync and two collectives per "
+            "BatchNorm layer at every step, which for a small net can make %d GPUs slower than one; use "
+            "batch_size>=%d per rank, or sync_bn=false (each rank normalises over its own %d samples), or for a "
+            "small net one job per GPU (e.g. a sweep) instead of torchrun",
+            cfg.batch_size,
+            distributed.world_size(),
+            SYNC_BN_MIN_BATCH,
+            cfg.batch_size,
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
 def _train_data(cfg: DictConfig, splits: Splits):
     """What the student trains on: the transfer set, or for mode=none (no teacher) its labelled samples,
     exactly as the student-alone baseline does (see kdtrain/baseline.py)."""
@@ -176,14 +203,7 @@ def _run(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> float:
     )
 
     seed_everything(int(cfg.seed))
-    student = _student(cfg, splits, device)
-    if cfg.sync_bn and distributed.enabled():
-        if device.type == "cuda":
-            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        else:  # PyTorch's SyncBatchNorm runs on GPUs only
-            log.warning(
-                "sync_bn=true needs CUDA devices; on %s each rank keeps its own BatchNorm statistics", device.type
-            )
+    student = _sync_bn(_student(cfg, splits, device), cfg, device)
     setup = Setup(student, teacher, splits.train, splits.num_classes, splits.in_shape, device, cfg)
     terms = LossTerms(specs, setup).to(device)
     for line in terms.describe():

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from kdtrain.data import TensorSet
-from kdtrain.engine import FitSpec, evaluate, fit, lr_factor, make_optimizer
+from kdtrain.engine import FitSpec, evaluate, fit, lr_factor, make_optimizer, plain_schedule
 from kdtrain.losses import ce_loss, kd_loss, total_loss
 from kdtrain.models import build_model, count_params
 
@@ -183,8 +183,9 @@ class PlainLoop:
         self.forward = torch.compile(self.student) if compile else self.student
         self.optimizer = make_optimizer(list(self.student.parameters()), s.cfg.optimizer, float(s.cfg.lr))
         steps, epochs = steps_per_epoch(len(s.train), self.batch_size), int(s.cfg.epochs)
+        schedule = plain_schedule(s.cfg.scheduler)  # as the engine does: no config reads at every step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(s.cfg.scheduler, step / steps, epochs)
+            self.optimizer, lambda step: lr_factor(schedule, step / steps, epochs)
         )
         self.autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 

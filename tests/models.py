@@ -4,8 +4,8 @@
 environment variables (so the config, which a resume compares, stays the same):
 KDTRAIN_TEST_NAN_AT=N (the Nth forward returns NaN logits), KDTRAIN_TEST_SIGNAL_AT=N (the Nth
 forward sends KDTRAIN_TEST_SIGNAL, default SIGTERM, to its own process), KDTRAIN_TEST_SIGNAL_INSTANCE=K
-(only the Kth instance built in the process signals: 2 is the baseline's student) and KDTRAIN_TEST_SLEEP=S
-(each forward sleeps S seconds).
+(only the Kth instance built in the process signals: 2 is the baseline's student), KDTRAIN_TEST_SIGNAL_RANK=R
+(under torchrun only rank R signals) and KDTRAIN_TEST_SLEEP=S (each forward sleeps S seconds).
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ class Scripted(nn.Module):
         self.forwards += 1
         if self.sleep:
             time.sleep(self.sleep)
-        if self.forwards == self.signal_at and self.instance == int(
-            os.environ.get("KDTRAIN_TEST_SIGNAL_INSTANCE", self.instance)
+        rank = os.environ.get("RANK", "0")
+        if (
+            self.forwards == self.signal_at
+            and self.instance == int(os.environ.get("KDTRAIN_TEST_SIGNAL_INSTANCE", self.instance))
+            and rank == os.environ.get("KDTRAIN_TEST_SIGNAL_RANK", rank)
         ):
             os.kill(os.getpid(), self.signal)
         if self.forwards == self.nan_at:

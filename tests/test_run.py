@@ -8,7 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from kdtrain import engine
 from kdtrain.data import build_dataset
 from kdtrain.errors import UserError
 from kdtrain.models import build_model
@@ -132,3 +134,42 @@ def test_cli_end_to_end(tmp_path, store):
         assert (run_dir / name).exists(), name
     log_text = (run_dir / "kdtrain.log").read_text()
     assert "student epoch 2/2" in log_text and "\r" not in log_text  # plain lines, no progress-bar debris
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of device values on the host: `aten._local_scalar_dense` (.item(), bool(t), float(t))
+    and Tensor.tolist (which on the CPU reads memory without dispatching; on CUDA it copies and waits)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t, *args, **kwargs):
+            self.count += 1
+            return tolist(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [["mode=combined", "teacher_cache=off"], ["nan_policy=skip", "batch_size=16"]])
+def test_training_steps_do_not_read_the_device_on_the_host(compose, tmp_path, monkeypatch, overrides):
+    """The step log and the metrics are read every POLL_STEPS steps and at an epoch's end, not every step."""
+    reads, steps = _HostReads(monkeypatch), []
+    train_epoch = engine._Training.train_epoch
+
+    def counted(self, epoch, partial):
+        steps.append(self.steps_per_epoch)
+        with reads:
+            return train_epoch(self, epoch, partial)
+
+    monkeypatch.setattr(engine._Training, "train_epoch", counted)
+    run(compose("baseline=false", *overrides), tmp_path)
+    student_steps = steps[-1] * 2  # the student's 2 epochs (the teacher may have trained first)
+    per_step = reads.count / sum(steps)
+    assert student_steps >= 40 and per_step < 0.2, (reads.count, steps)

@@ -59,7 +59,7 @@ class _Order:
 
     def __len__(self) -> int:
         n, b = self.n, self.batch_size * self.world
-        if self.drop_last:
+        if self.drop_last and n >= b:  # compile=true: one batch shape (a set smaller than a batch keeps its one)
             return n // b
         # A trailing batch too small to give each rank two samples is dropped when shuffling:
         # BatchNorm cannot train on one sample.

@@ -315,10 +315,9 @@ class LossTerms(nn.Module):
             for s, t in zip(self.specs, self.terms.values())
         )
 
-    @property
-    def delayed(self) -> bool:
-        """Some term starts after epoch 1 (then some parameters get no gradient in the first epochs)."""
-        return any(s.start_epoch > 1 and s.weight > 0 for s in self.specs)
+    def some_off(self, epoch: int) -> bool:
+        """Some term in force is still off at `epoch` (then some parameters may get no gradient)."""
+        return any(s.weight > 0 and s.weight_at(epoch) == 0 for s in self.specs)
 
     def layers(self, role: str) -> list[str]:
         """Every module path the terms in force read on the student or teacher side, each once, in order."""
