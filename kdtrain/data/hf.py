@@ -11,8 +11,8 @@
 * Offline (`offline=true`, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) nothing touches the network: a hub
   dataset comes from the cache, or the run stops saying so.
 * Images are decoded by PIL (no code runs from the data); an unreadable one raises BadImage with its
-  split and row. Everything else is imagefolder's: scaled and centre-cropped to `dataset.image_size` (224
-  when null), 1 channel when every image is grayscale, ImageNet's mean / std for 3.
+  split and row. Everything else is imagefolder's (kdtrain/data/common.py): the memory or the stream path
+  and their transforms at `dataset.image_size` (224 when null), 1 channel when every image is grayscale.
 """
 
 from __future__ import annotations
