@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdtrain import distributed, engine
 from kdtrain.data import TensorSet
-from kdtrain.data.batches import make_batches
+from kdtrain.data.batches import DeviceBatches
 from kdtrain.engine import FitSpec, TeacherSource, fit, make_optimizer
 from kdtrain.run import _sync_bn
 from kdtrain.terms import TERMS, LossTerms, TermSpec, ce_only
@@ -107,8 +107,8 @@ def test_compile_drops_the_smaller_last_batch_and_asks_for_static_shapes(monkeyp
     assert {len(y) for _, y, _ in t.batches} == {32}
     t.forward_at(1)
     assert asked == [{"dynamic": False}]
-    assert len(make_batches(_data(200), 32, torch.device("cpu"), shuffle=True)) == 7  # without compile: kept
-    assert len(make_batches(_data(20), 32, torch.device("cpu"), shuffle=True, drop_last=True)) == 1  # no full batch
+    assert len(DeviceBatches(_data(200), 32, torch.device("cpu"), shuffle=True)) == 7  # without compile: kept
+    assert len(DeviceBatches(_data(20), 32, torch.device("cpu"), shuffle=True, drop_last=True)) == 1  # no full batch
 
 
 def test_sync_bn_with_a_small_per_rank_batch_warns(monkeypatch, caplog):

@@ -50,7 +50,14 @@ class _Order:
     """The data order both paths share: per epoch a permutation (or 0..n-1), cut into global batches."""
 
     def __init__(
-        self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, drop_last: bool
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = False,
     ) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.rank, self.world = rank, world
@@ -59,11 +66,11 @@ class _Order:
 
     def __len__(self) -> int:
         n, b = self.n, self.batch_size * self.world
-        if self.drop_last and n >= b:  # compile=true: one batch shape (a set smaller than a batch keeps its one)
-            return n // b
         # A trailing batch too small to give each rank two samples is dropped when shuffling:
-        # BatchNorm cannot train on one sample.
-        return n // b if self.shuffle and 0 < n % b < 2 * self.world else math.ceil(n / b)
+        # BatchNorm cannot train on one sample. `drop_last` drops the smaller last batch (when there is a
+        # full one), so every batch has one shape (compile=true).
+        small_tail = self.shuffle and 0 < n % b < 2 * self.world
+        return n // b if small_tail or (self.drop_last and n >= b) else math.ceil(n / b)
 
     def global_size(self, i: int) -> int:
         """Samples in global batch `i` (all ranks together)."""
