@@ -97,6 +97,14 @@ class DatasetConfig:
     memory_budget_gb: float = 4.0
     workers: int | None = None  # decoding processes; null: the machine's cores (shared by the ranks of a machine)
     bad_images: str = "fail"  # fail: stop naming the file | skip: log it once, count it, replace it
+    # dataset=hf (kdtrain/data/hf.py): datasets.load_dataset's `path` (`name` already picks the builder),
+    # its data_files, the two splits and the columns.
+    path: str | None = None
+    data_files: Any = None  # a path or glob, a list of them, or {split: files}
+    train_split: str = "train"
+    val_split: str = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass

@@ -16,6 +16,11 @@
 # student alone, and projects the 240-epoch recipe's wall time. Each setting has a soft budget (no round
 # starts that would end past it) and a hard time cap; the caps add up to under 8 minutes.
 #
+# Then the stream case (scripts/bench_data.py --skip-memory): kdtrain's stream path (dataset=imagefolder
+# dataset.loader=stream, RandomResizedCrop 128 + flip decoded by DataLoader workers, one per core) against a
+# plain torchvision ImageFolder + DataLoader loop, on 4,000 generated 256 px JPEGs, torchvision resnet18 ->
+# resnet18 at bf16; it writes OUT_DIR/bench_data.json.
+#
 # Writes OUT_DIR/bench_gpu.json (every setting's results, combined) and OUT_DIR/bench_gpu.log (this output),
 # prints the table of what worked, and exits 1 if any setting failed (its status, time cap or a way in it).
 #
@@ -42,8 +47,10 @@ if [ "$DRY" = 1 ]; then
     "bf16|60|600|--amp bf16"
     "fp32|60|600|--amp off"
   )
+  STREAM_CAP=600
+  STREAM=(--device cpu --images 40 --classes 2 --size 48 --image-size 16 --epochs 2 --batch-size 8 --workers 1)
 else
-  TOTAL=440  # seconds from the start, setup included (later caps shrink to fit): the run stays under 8 minutes
+  TOTAL=530  # seconds from the start, setup included (later caps shrink to fit): the run stays under 9 minutes
   COMMON=(--case cifar100_kd --device cuda --epochs 3 --views 4)
   SETTINGS=(
     "bf16_cl|80|115|--amp bf16 --channels-last --syncs --profile"
@@ -51,6 +58,8 @@ else
     "fp32|65|95|--amp off"
     "bf16_cl_compile|110|155|--amp bf16 --channels-last --compile --ways engine,cached,student_alone"
   )
+  STREAM_CAP=120
+  STREAM=(--device cuda --amp bf16 --epochs 4 --batch-size 256 --model teacher=torchvision --model student=torchvision)
 fi
 
 WORK="$(mktemp -d)"
@@ -150,9 +159,25 @@ EOF
     echo "$rc" >"$parts/$name.rc"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
   done
+  left=$((TOTAL - (SECONDS - start)))
+  [ "$STREAM_CAP" -gt "$left" ] && STREAM_CAP=$left
+  local stream_rc=125
+  if [ "$STREAM_CAP" -ge 30 ]; then
+    echo "=== stream: scripts/bench_data.py ${STREAM[*]} --skip-memory (cap $STREAM_CAP s)"
+    timeout --kill-after=10 "$STREAM_CAP" "$py" scripts/bench_data.py "${STREAM[@]}" --skip-memory \
+      --json "$OUT_DIR/bench_data.json"
+    stream_rc=$?
+    echo "=== stream: exit $stream_rc after $((SECONDS - start)) s"
+  else
+    echo "=== stream: skipped, $left s left of $TOTAL"
+  fi
   echo
   "$py" scripts/bench_summary.py "$parts" --expect "${names[@]}" --json "$OUT_DIR/bench_gpu.json"
   rc=$?
+  if [ "$stream_rc" != 0 ]; then
+    echo "FAILED stream: scripts/bench_data.py exit $stream_rc (see $OUT_DIR/bench_data.json)"
+    rc=1
+  fi
   echo "=== total $((SECONDS - start)) s"
   if [ "$DRY" = 1 ] && [ "$rc" = 0 ]; then
     echo "dry run passed: the wheels install offline, the imports work, every setting ran on the CPU"

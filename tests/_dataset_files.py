@@ -103,3 +103,21 @@ def write_imagefolder(
             for i in range(n):
                 pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
                 Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(folder / f"{i}.png")
+
+
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def write_imagenet(root: Path, per_class: tuple[int, int] = (3, 2), flat_val: bool = False) -> None:
+    """ILSVRC2012's layout: root/train/<wnid>/<wnid>_<n>.JPEG and root/val/<wnid>/ILSVRC2012_val_<n>.JPEG
+    (sorted into class folders; `flat_val`: all in val/ as the archive comes), random RGB pixels."""
+    rng = np.random.default_rng(0)
+    count = 0
+    for split, n in zip(("train", "val"), per_class):
+        for wnid in IMAGENET_WNIDS:
+            for i in range(n):
+                count += 1
+                name = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{count:08d}.JPEG"
+                folder = root / split if split == "val" and flat_val else root / split / wnid
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / name, quality=90)

@@ -77,3 +77,51 @@ def test_bench_gpu_dry_run(tmp_path):
     assert "dry run passed" in result.stdout
     combined = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert not combined["failed"] and set(combined["settings"]) == {"bf16_cl", "bf16", "fp32"}
+
+
+def test_bench_data_folder_and_tree_memory(tmp_path):
+    """bench_data.py's generated folders (counts, split, the small one inside the large one) and its memory
+    probe, which sums the process tree (a child that allocates 200 MB in a forked grandchild)."""
+    bench_data = load("bench_data")
+    assert bench_data.generate(tmp_path / "big", 23, 24, 3, 0.2) == {"train": 18, "val": 5}
+    assert len(list((tmp_path / "big" / "val" / "c0").glob("*.jpg"))) == 2  # 8 images, 20 % of them in val/
+    assert bench_data.subset(tmp_path / "big", tmp_path / "small", 12, 3, 0.2) == {"train": 9, "val": 3}
+    for path in (tmp_path / "small").rglob("*.jpg"):
+        assert path.samefile(tmp_path / "big" / path.relative_to(tmp_path / "small"))  # a hard link, same split
+    code = (
+        "import multiprocessing as mp, time\n"
+        "def grow():\n    x = bytearray(200 * 2**20)\n    time.sleep(1.0)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('fork').Process(target=grow); p.start(); p.join()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    memory = bench_data.TreeMemory(proc.pid, interval=0.05)
+    proc.wait()
+    memory.stop()
+    assert memory.peak > 200 * 2**20 and memory.peak_processes == 2
+
+
+def test_bench_data_plain_loop(tmp_path):
+    """The plain torchvision loop that the stream path is compared with trains and reports its rate."""
+    bench_data = load("bench_data")
+    bench_data.generate(tmp_path / "img", 12, 24, 2, 0.25)
+    out = tmp_path / "plain.json"
+    argv = ["--plain", str(tmp_path / "img"), "--plain-out", str(out), "--epochs", "2", "--image-size", "16"]
+    assert bench_data.main([*argv, "--batch-size", "4", "--workers", "0"]) == 0
+    rates = json.loads(out.read_text())["samples_per_sec_per_epoch"]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+@pytest.mark.slow
+def test_bench_data_end_to_end(tmp_path):
+    """The whole benchmark on 40 tiny JPEGs: kdtrain's stream path and the plain loop, and the memory runs (~1 min)."""
+    bench_data = load("bench_data")
+    out = tmp_path / "bench_data.json"
+    argv = ["--images", "40", "--classes", "2", "--size", "48", "--image-size", "16", "--epochs", "2"]
+    assert bench_data.main([*argv, "--batch-size", "8", "--workers", "1", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["complete"] and got["generated"] == {"train": 32, "val": 8} and got["ratio"] > 0
+    assert len(got["results"]["stream"]["runs"][0]["samples_per_sec_per_epoch"]) == 2
+    for loader in ("stream", "memory"):
+        assert set(got["memory"][loader]) == {"10", "40", "growth_mb"}
+        assert got["memory"][loader]["40"]["peak_mb"] > 50  # at least a Python process with torch

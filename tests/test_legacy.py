@@ -34,10 +34,13 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def same_rows(got: list[dict], want: list[dict]) -> None:
+    """Equal up to float rounding (1e-5 relative or 1e-7 absolute): the thread count alone (the recording used
+    2) moves these values by a few 1e-6 relative (another order of the same reductions; small ones such as a
+    kd of 1e-3 by ~1e-8 absolute); a change of the math moves them by far more."""
     assert len(got) == len(want)
     for g, w in zip(got, want):
         for key, value in w.items():  # the old columns, each with the old meaning (new ones may follow)
-            assert g[key] == (pytest.approx(value, rel=1e-6, abs=1e-9) if value is not None else None), key
+            assert g[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if value is not None else None), key
 
 
 # mode=none was redefined on purpose after the recording (issue #14's fair baseline: the student alone trains

@@ -110,10 +110,11 @@ class Splits:
     # (a StreamSet augments as it decodes: StreamSet.augment).
     augment: Callable[[Tensor], Tensor] | None = None
     left_out: int = 0  # unreadable images left out when decoding (memory path, dataset.bad_images=skip)
+    class_names: list[str] | None = None  # by class index, when the dataset names its classes
 
 
 def _import_builtin_datasets() -> None:
-    from kdtrain.data import digits, imagefolder, vision  # noqa: F401  (register themselves)
+    from kdtrain.data import digits, hf, imagefolder, imagenet, vision  # noqa: F401  (register themselves)
 
 
 Builder = Callable[[DictConfig], Splits]
@@ -124,15 +125,21 @@ register = DATASETS.register
 # Dataset keys added with the stream path: at their defaults they are left out of the identities of stored
 # teachers, baselines and teacher caches, which so stay what they were before the keys existed.
 LOADER_KEYS = ("loader", "memory_budget_gb", "bad_images")
+# The same for the keys of dataset=hf (kdtrain/data/hf.py).
+HF_KEYS = ("path", "data_files", "train_split", "val_split", "image_column", "label_column")
 
 
 def data_identity(dataset: dict[str, Any]) -> dict[str, Any]:
-    """The dataset config as it decides the samples, for identities: LOADER_KEYS at their defaults and
+    """The dataset config as it decides the samples, for identities: LOADER_KEYS and HF_KEYS at their defaults and
     `workers` (which never changes a sample) left out."""
     from kdtrain.config import DatasetConfig
 
     default = DatasetConfig()
-    return {k: v for k, v in dataset.items() if k != "workers" and not (k in LOADER_KEYS and v == getattr(default, k))}
+    return {
+        k: v
+        for k, v in dataset.items()
+        if k != "workers" and not (k in LOADER_KEYS + HF_KEYS and v == getattr(default, k))
+    }
 
 
 def known_datasets() -> list[str]:

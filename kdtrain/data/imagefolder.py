@@ -18,33 +18,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
-from PIL import Image
 
 from kdtrain.data import Splits, register, register_shape
-from kdtrain.data.common import dataset_root, image_size, splits_from_sources
-from kdtrain.data.sources import GRAY_MODES, READ_ERRORS, FileSource
+from kdtrain.data.common import _channels, dataset_root, image_size, splits_from_sources
+from kdtrain.data.sources import FileSource
 from kdtrain.errors import UserError
 
 HOLDS = "train/ and val/ with one subfolder of images per class"
 
 
-def _extensions() -> tuple[str, ...]:
+def image_extensions() -> tuple[str, ...]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     return IMG_EXTENSIONS
 
 
-def _split_dir(cfg: DictConfig, split: str) -> Path:
-    root = dataset_root(cfg, HOLDS)
+def split_dir(cfg: DictConfig, split: str, holds: str = HOLDS) -> Path:
+    """dataset.root/split, which must exist; `holds` says what dataset.root must hold (for the messages)."""
+    root = dataset_root(cfg, holds)
     folder = root / split
     if not root.is_dir():
-        raise UserError(f"dataset.root={root} does not exist; set dataset.root to a folder that holds {HOLDS}")
+        raise UserError(f"dataset.root={root} does not exist; set dataset.root to a folder that holds {holds}")
     if not folder.is_dir():
-        raise UserError(f"dataset={cfg.name} needs {folder}: dataset.root must hold {HOLDS}")
+        raise UserError(f"dataset={cfg.name} needs {folder}: dataset.root must hold {holds}")
     return folder
 
 
-def _classes(train_dir: Path) -> list[str]:
+def classes_of(train_dir: Path) -> list[str]:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{train_dir} has no class subfolders; put each class's images in train/<class>/")
@@ -58,7 +58,7 @@ def _classes(train_dir: Path) -> list[str]:
 
 def _files(split_dir: Path, classes: list[str], require_each: bool) -> list[tuple[Path, int]]:
     """(image path, class index) for every image file under split_dir/<class>/, in a fixed order."""
-    extensions = _extensions()
+    extensions = image_extensions()
     index = {c: i for i, c in enumerate(classes)}
     out: list[tuple[Path, int]] = []
     for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -80,8 +80,8 @@ def _files(split_dir: Path, classes: list[str], require_each: bool) -> list[tupl
 
 @register("imagefolder")
 def imagefolder(cfg: DictConfig) -> Splits:
-    train_dir, val_dir = _split_dir(cfg, "train"), _split_dir(cfg, "val")
-    classes = _classes(train_dir)
+    train_dir, val_dir = split_dir(cfg, "train"), split_dir(cfg, "val")
+    classes = classes_of(train_dir)
     train, val = (folder_source(d, classes, require_each) for d, require_each in ((train_dir, True), (val_dir, False)))
     return splits_from_sources(cfg, train, val, len(classes), default_size=32)
 
@@ -94,23 +94,16 @@ def folder_source(split_dir: Path, classes: list[str], require_each: bool) -> Fi
 
 @register_shape("imagefolder")
 def _imagefolder_shape(cfg: DictConfig) -> tuple[int, tuple[int, int, int]]:
-    """Classes from train/'s subfolders; channels from the image headers (no pixels decoded)."""
-    train_dir, val_dir = _split_dir(cfg, "train"), _split_dir(cfg, "val")
-    classes = _classes(train_dir)
-    size = image_size(cfg, 32)
-    channels = 1
-    for split_dir in (train_dir, val_dir):
-        for path, _ in _files(split_dir, classes, require_each=False):
-            try:
-                with Image.open(path) as img:
-                    mode = img.mode
-            except READ_ERRORS as e:
-                raise UserError(
-                    f"{path} cannot be read as an image ({str(e).strip() or type(e).__name__}); replace or delete it"
-                ) from None
-            if mode not in GRAY_MODES:
-                channels = 3
-                break
-        if channels == 3:
-            break
+    return folder_shape(cfg, split_dir(cfg, "train"), split_dir(cfg, "val"), default_size=32)
+
+
+def folder_shape(
+    cfg: DictConfig, train_dir: Path, val_dir: Path, default_size: int
+) -> tuple[int, tuple[int, int, int]]:
+    """Classes from train/'s subfolders; channels from the image headers (no pixels decoded; headers are
+    read up to the first colour image)."""
+    classes = classes_of(train_dir)
+    train, val = (folder_source(d, classes, require_each=False) for d in (train_dir, val_dir))
+    channels = _channels(train, val, skip=cfg.get("bad_images", "fail") == "skip")
+    size = image_size(cfg, default_size)
     return len(classes), (channels, size, size)
