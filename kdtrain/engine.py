@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from kdtrain import distributed
 from kdtrain.checkpoint import load_checkpoint, load_into, save_checkpoint
-from kdtrain.data import DataSet
-from kdtrain.data.batches import Batches, StreamBatches, make_batches
+from kdtrain.data import DataSet, StreamSet
+from kdtrain.data.batches import STREAM_EVAL_BATCH, Batches, StreamBatches, make_batches
 from kdtrain.errors import UserError
 from kdtrain.features import Capture
 from kdtrain.teacher_cache import TeacherCache
@@ -171,6 +171,8 @@ def predict(
     was_training = model.training
     model.eval()
     preds = []
+    if isinstance(data, StreamSet):
+        batch_size = min(batch_size, STREAM_EVAL_BATCH)
     for x, _, _ in make_batches(data, batch_size, device, shuffle=False).epoch():
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             preds.append(model(x).argmax(1))
